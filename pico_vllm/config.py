@@ -1,0 +1,71 @@
+"""One dataclass that configures the whole engine."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import mlx.core as mx
+
+# On the CPU backend there is no unified-memory budget to read, so the pool gets a fixed size.
+CPU_KV_CACHE_BYTES = 512 * 1024**2
+
+
+@dataclass
+class EngineConfig:
+    """Everything the engine needs to know besides the model weights.
+
+    Attributes:
+        model: Hugging Face id, local HF-format folder, or ``.gguf`` file; ``None`` picks the
+            embedded SmolLM2-135M-Instruct.
+        dtype: ``"auto"`` computes in float32 on the CPU (fp16/bf16 matmuls are ~27x slower
+            there) and keeps the checkpoint's dtype on Metal; or one of
+            ``"float32" | "float16" | "bfloat16"``.
+        block_size: tokens per KV block (8, 16 or 32).
+        num_blocks: KV blocks in the pool; ``None`` derives it from ``kv_cache_bytes``.
+        kv_cache_bytes: KV memory budget; ``None`` means the Metal recommended working set
+            minus the weights, or ``CPU_KV_CACHE_BYTES`` on the CPU.
+        max_num_seqs: most sequences running at once.
+        max_num_batched_tokens: token budget of one step (decode tokens + prefill chunks).
+        max_model_len: longest prompt + output; ``None`` takes the model's own limit.
+        enable_prefix_caching: reuse KV blocks of identical prompt prefixes.
+        enforce_eager: never capture decode steps with ``mx.compile``.
+        seed: seed of the global RNG used by requests that give no seed of their own.
+    """
+
+    model: str | None = None
+    dtype: str = "auto"
+    block_size: int = 16
+    num_blocks: int | None = None
+    kv_cache_bytes: int | None = None
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    max_model_len: int | None = None
+    enable_prefix_caching: bool = True
+    enforce_eager: bool = False
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ("auto", "float32", "float16", "bfloat16"):
+            raise ValueError(
+                f"dtype must be 'auto', 'float32', 'float16' or 'bfloat16', got {self.dtype!r}"
+            )
+        if self.block_size not in (8, 16, 32):
+            raise ValueError(f"block_size must be 8, 16 or 32, got {self.block_size}")
+        for name in ("num_blocks", "kv_cache_bytes", "max_model_len"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        if self.max_num_batched_tokens < 1:
+            raise ValueError(
+                f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}"
+            )
+
+    def compute_dtype(self, checkpoint_dtype: mx.Dtype) -> mx.Dtype:
+        """The dtype activations, weights and the KV pool use on this device."""
+        if self.dtype != "auto":
+            return getattr(mx, self.dtype)
+        if mx.default_device() == mx.cpu or not mx.metal.is_available():
+            return mx.float32
+        return checkpoint_dtype

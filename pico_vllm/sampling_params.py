@@ -1,0 +1,92 @@
+"""Per-request sampling parameters, validated on construction (mirrors ``vllm.SamplingParams``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class SamplingParams:
+    """How one request is sampled and when it stops.
+
+    Attributes:
+        temperature: 0 means greedy; higher flattens the distribution.
+        top_p: keep the smallest set of tokens whose probability sums to ``top_p`` (1 = off).
+        top_k: keep the ``top_k`` most likely tokens (0 = off).
+        min_p: drop tokens less likely than ``min_p`` times the most likely one (0 = off).
+        repetition_penalty: divide positive (multiply negative) logits of every token seen in
+            the prompt or output (1 = off).
+        presence_penalty: subtract from the logits of tokens already in the output (0 = off).
+        frequency_penalty: subtract, per occurrence, from tokens in the output (0 = off).
+        max_tokens: most tokens to generate.
+        min_tokens: EOS and ``stop_token_ids`` are blocked until this many are generated.
+        stop: strings that end generation; they are cut from the returned text.
+        stop_token_ids: token ids that end generation (kept in ``token_ids``).
+        ignore_eos: keep generating past the tokenizer's EOS tokens.
+        seed: makes this request's sampling reproducible, whatever else is in the batch.
+        logprobs: also return the log-probabilities of this many most likely tokens per step
+            (plus the sampled one); ``None`` returns none.
+    """
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    max_tokens: int = 16
+    min_tokens: int = 0
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    seed: int | None = None
+    logprobs: int | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        elif self.stop is None:
+            self.stop = []
+        elif not isinstance(self.stop, (list, tuple)) or not all(
+            isinstance(s, str) for s in self.stop
+        ):
+            raise ValueError(f"stop must be a str or a list of str, got {self.stop!r}")
+        self.stop = [s for s in self.stop]
+        if any(s == "" for s in self.stop):
+            raise ValueError("stop strings must not be empty")
+        if self.stop_token_ids is None:
+            self.stop_token_ids = []
+        if not isinstance(self.stop_token_ids, (list, tuple)) or not all(
+            isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.stop_token_ids
+        ):
+            raise ValueError(
+                f"stop_token_ids must be a list of non-negative ints, got {self.stop_token_ids!r}"
+            )
+        self.stop_token_ids = list(self.stop_token_ids)
+        _check(self.temperature >= 0, "temperature", ">= 0", self.temperature)
+        _check(0 < self.top_p <= 1, "top_p", "in (0, 1]", self.top_p)
+        _check(isinstance(self.top_k, int) and self.top_k >= 0, "top_k", ">= 0 (0 = off)", self.top_k)
+        _check(0 <= self.min_p <= 1, "min_p", "in [0, 1]", self.min_p)
+        _check(self.repetition_penalty > 0, "repetition_penalty", "> 0", self.repetition_penalty)
+        _check(-2 <= self.presence_penalty <= 2, "presence_penalty", "in [-2, 2]",
+               self.presence_penalty)
+        _check(-2 <= self.frequency_penalty <= 2, "frequency_penalty", "in [-2, 2]",
+               self.frequency_penalty)
+        _check(isinstance(self.max_tokens, int) and self.max_tokens >= 1, "max_tokens", ">= 1",
+               self.max_tokens)
+        _check(isinstance(self.min_tokens, int) and 0 <= self.min_tokens <= self.max_tokens,
+               "min_tokens", "in [0, max_tokens]", self.min_tokens)
+        _check(self.seed is None or isinstance(self.seed, int), "seed", "an int or None", self.seed)
+        _check(self.logprobs is None or (isinstance(self.logprobs, int) and self.logprobs >= 0),
+               "logprobs", "None or an int >= 0", self.logprobs)
+
+    @property
+    def greedy(self) -> bool:
+        """True when sampling reduces to argmax."""
+        return self.temperature == 0
+
+
+def _check(ok: bool, name: str, expected: str, value: object) -> None:
+    if not ok:
+        raise ValueError(f"{name} must be {expected}, got {value!r}")

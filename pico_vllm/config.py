@@ -64,8 +64,18 @@ class EngineConfig:
 
     def compute_dtype(self, checkpoint_dtype: mx.Dtype) -> mx.Dtype:
         """The dtype activations, weights and the KV pool use on this device."""
-        if self.dtype != "auto":
-            return getattr(mx, self.dtype)
-        if mx.default_device() == mx.cpu or not mx.metal.is_available():
-            return mx.float32
-        return checkpoint_dtype
+        return resolve_dtype(self.dtype, checkpoint_dtype)
+
+
+def resolve_dtype(dtype: str, checkpoint_dtype: mx.Dtype) -> mx.Dtype:
+    """``"auto"`` -> float32 on the CPU, the checkpoint's dtype on Metal; else the named dtype."""
+    if dtype != "auto":
+        return getattr(mx, dtype)
+    if not on_metal():
+        return mx.float32
+    return checkpoint_dtype
+
+
+def on_metal() -> bool:
+    """True when MLX computes on an Apple GPU."""
+    return mx.default_device() == mx.gpu and mx.metal.is_available()

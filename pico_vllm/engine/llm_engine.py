@@ -1,0 +1,183 @@
+"""The engine: request intake, one ``step`` of scheduling + model + sampling, and outputs.
+
+A request's path: ``add_request`` tokenizes and validates it and queues a ``Sequence``;
+each ``step`` asks the scheduler which tokens to compute, lets the model runner compute them
+and sample, then appends the new tokens, detokenizes, checks stop conditions and frees the
+blocks of finished sequences. The server, ``LLM.generate`` and the CLI all drive this loop.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field, replace
+
+from pico_vllm.config import EngineConfig
+from pico_vllm.engine.detokenizer import IncrementalDetokenizer
+from pico_vllm.engine.model_runner import ModelRunner, resolve_num_blocks
+from pico_vllm.engine.scheduler import Scheduler
+from pico_vllm.engine.sequence import Sequence
+from pico_vllm.layers.sampler import Sampler
+from pico_vllm.loader import LoadedModel, load
+from pico_vllm.outputs import RequestOutput
+from pico_vllm.sampling_params import SamplingParams
+
+Prompt = str | list[int]
+
+
+@dataclass
+class EngineStats:
+    """Running totals, for throughput reports and tests."""
+
+    steps: int = 0
+    prompt_tokens: int = 0
+    cached_prompt_tokens: int = 0
+    generated_tokens: int = 0
+    preemptions: int = 0
+
+
+@dataclass
+class _Request:
+    seq: Sequence
+    prompt: str | None
+    detokenizer: IncrementalDetokenizer
+    logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+    emitted_tokens: int = 0
+
+
+class LLMEngine:
+    """Continuous-batching engine over a paged KV pool (see the module docstring)."""
+
+    def __init__(self, config: EngineConfig | None = None, loaded: LoadedModel | None = None):
+        """Load ``config.model`` (or use an already ``loaded`` one) and size the KV pool."""
+        config = config or EngineConfig()
+        loaded = loaded or load(config.model, config.dtype)
+        self.model, self.tokenizer = loaded.model, loaded.tokenizer
+        self.eos_token_ids = set(loaded.eos_token_ids)
+        self.vocab_size = loaded.config["vocab_size"]
+        dtype = self.model.model.norm.weight.dtype  # norms are never quantized: the compute dtype
+        self.config = replace(
+            config,
+            num_blocks=resolve_num_blocks(config, self.model, dtype),
+            max_model_len=min(config.max_model_len or loaded.max_model_len, loaded.max_model_len),
+        )
+        self.scheduler = Scheduler(self.config)
+        sampler = Sampler(self.eos_token_ids, seed=self.config.seed)
+        self.runner = ModelRunner(self.model, self.config, sampler, dtype)
+        self.stats = EngineStats()
+        self._requests: dict[str, _Request] = {}
+        self._ids = itertools.count()
+
+    def add_request(
+        self,
+        prompt: Prompt,
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+    ) -> str:
+        """Queue a request (text or token ids); returns its id. Raises ``ValueError`` for a request
+        that is malformed or can never fit, leaving the engine untouched."""
+        params = params or SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}")
+        request_id = str(next(self._ids)) if request_id is None else request_id
+        if request_id in self._requests:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        token_ids = self._tokenize(prompt)
+        seq = Sequence(request_id, token_ids, params, arrival_time=time.monotonic())
+        self.scheduler.add_sequence(seq)  # rejects what can never fit, before anything is kept
+        text = prompt if isinstance(prompt, str) else None
+        stop = list(params.stop)
+        self._requests[request_id] = _Request(seq, text, IncrementalDetokenizer(self.tokenizer, stop))
+        self.stats.prompt_tokens += len(token_ids)
+        return request_id
+
+    def abort_request(self, request_id: str) -> bool:
+        """Stop a request and free its blocks; False if it is unknown or already finished."""
+        if self._requests.pop(request_id, None) is None:
+            return False
+        return self.scheduler.abort(request_id)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def step(self) -> list[RequestOutput]:
+        """Run one iteration; returns an output for every request that got a token this step."""
+        out = self.scheduler.schedule()
+        self.stats.preemptions += len(out.preempted)
+        if out.is_empty:
+            return []
+        result = self.runner.execute(out)
+        self.scheduler.update(out, result.sampled)
+        self.stats.steps += 1
+
+        outputs = []
+        for i, (seq, _) in enumerate(out.scheduled):
+            token = result.sampled[i]
+            if token is None:
+                continue
+            request = self._requests[seq.request_id]
+            self.stats.generated_tokens += 1
+            if seq.params.logprobs is not None:
+                request.logprobs.append(result.logprobs[i])
+                request.top_logprobs.append(result.top_logprobs[i] or [])
+            reason = self._finish_reason(request, token)
+            if reason is not None:
+                self.scheduler.finish(seq, reason)
+                self.stats.cached_prompt_tokens += seq.num_cached_tokens
+                del self._requests[seq.request_id]
+            outputs.append(self._output(request, reason))
+        return outputs
+
+    def _finish_reason(self, request: _Request, token: int) -> str | None:
+        """Detokenize ``token`` and say why the request ends here, if it does."""
+        seq, params = request.seq, request.seq.params
+        may_stop = seq.num_output_tokens >= params.min_tokens
+        if may_stop and (
+            token in params.stop_token_ids or (token in self.eos_token_ids and not params.ignore_eos)
+        ):
+            request.detokenizer.finalize()
+            return "stop"  # the stop token's text is not part of the output
+        if request.detokenizer.add_token(token) and may_stop:
+            return "stop"
+        if seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.config.max_model_len:
+            request.detokenizer.finalize()
+            return "length"
+        return None
+
+    def _output(self, request: _Request, reason: str | None) -> RequestOutput:
+        seq = request.seq
+        tokens = seq.output_token_ids
+        delta_tokens = tokens[request.emitted_tokens :]
+        request.emitted_tokens = len(tokens)
+        wants_logprobs = seq.params.logprobs is not None
+        return RequestOutput(
+            request_id=seq.request_id,
+            prompt=request.prompt,
+            prompt_token_ids=seq.token_ids[: seq.num_prompt_tokens],
+            text=request.detokenizer.text,
+            token_ids=list(tokens),
+            finished=reason is not None,
+            finish_reason=reason,
+            delta_text=request.detokenizer.take_delta(finished=reason is not None),
+            delta_token_ids=delta_tokens,
+            logprobs=list(request.logprobs) if wants_logprobs else None,
+            top_logprobs=list(request.top_logprobs) if wants_logprobs else None,
+            num_cached_tokens=seq.num_cached_tokens,
+        )
+
+    def _tokenize(self, prompt: Prompt) -> list[int]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("prompt is empty")
+            return list(self.tokenizer.encode(prompt))
+        if not isinstance(prompt, (list, tuple)) or not all(
+            isinstance(t, int) and not isinstance(t, bool) for t in prompt
+        ):
+            raise ValueError(f"prompt must be a str or a list of token ids, got {prompt!r:.80}")
+        if not prompt:
+            raise ValueError("prompt is empty")
+        bad = [t for t in prompt if not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size})")
+        return list(prompt)

@@ -1,0 +1,29 @@
+"""What the engine hands back for a request (mirrors ``vllm.RequestOutput``, flattened to n=1)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class RequestOutput:
+    """The state of one request after a step.
+
+    ``text``/``token_ids`` hold everything generated so far; ``delta_text``/``delta_token_ids``
+    only what this step added (what a streaming client prints). ``logprobs[i]`` is the
+    log-probability of ``token_ids[i]`` and ``top_logprobs[i]`` the top-n ``(id, logprob)``
+    pairs at that step, when the request asked for ``logprobs``.
+    """
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    text: str
+    token_ids: list[int]
+    finished: bool
+    finish_reason: str | None  # "stop" | "length" | "abort", once finished
+    delta_text: str = ""
+    delta_token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] | None = None
+    top_logprobs: list[list[tuple[int, float]]] | None = None
+    num_cached_tokens: int = 0  # prompt tokens served by the prefix cache

@@ -1,0 +1,149 @@
+"""Iteration-level scheduling: which tokens of which sequences the next step computes.
+
+Every step has a token budget (``max_num_batched_tokens``). Running sequences are served
+first, in admission order: a decode costs one token, a sequence still mid-prompt gets its next
+chunk. Whatever budget is left admits waiting sequences FIFO, each with a prefill chunk of up to
+the remaining budget (chunked prefill: a long prompt spreads over several steps while decodes
+keep flowing). When the pool has no block for a running sequence, the most recently admitted
+one is *preempted*: its blocks are freed and it goes back to the front of the queue, to be
+recomputed later — usually cheaply, since its full blocks survive in the prefix cache.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from pico_vllm.config import EngineConfig
+from pico_vllm.engine.block_manager import BlockManager
+from pico_vllm.engine.sequence import Sequence, SequenceStatus
+
+
+@dataclass
+class SchedulerOutput:
+    """One step's work: for each ``(seq, n)``, compute
+    ``seq.token_ids[seq.num_computed_tokens : seq.num_computed_tokens + n]``."""
+
+    scheduled: list[tuple[Sequence, int]] = field(default_factory=list)
+    preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+    @property
+    def num_batched_tokens(self) -> int:
+        return sum(n for _, n in self.scheduled)
+
+
+class Scheduler:
+    """Continuous batching over a fixed block pool (see the module docstring)."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        assert config.num_blocks is not None and config.max_model_len is not None
+        self.config = config
+        self.block_manager = BlockManager(
+            config.num_blocks, config.block_size, config.enable_prefix_caching
+        )
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []  # in admission order
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def add_sequence(self, seq: Sequence) -> None:
+        """Queue ``seq``; a request that could never fit is rejected now, never mid-run."""
+        max_len = seq.num_tokens + seq.params.max_tokens
+        if max_len > self.config.max_model_len:
+            raise ValueError(
+                f"prompt ({seq.num_tokens} tokens) + max_tokens ({seq.params.max_tokens}) = "
+                f"{max_len} exceeds max_model_len ({self.config.max_model_len})"
+            )
+        blocks = -(-max_len // self.config.block_size)
+        if blocks > self.block_manager.num_blocks:
+            raise ValueError(
+                f"request needs {blocks} KV blocks for {max_len} tokens, but the pool has only "
+                f"{self.block_manager.num_blocks} blocks"
+            )
+        self.waiting.append(seq)
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.config.max_num_batched_tokens
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            while not self.block_manager.allocate(seq, seq.num_computed_tokens + n):
+                victim = self.running.pop()  # the most recently admitted
+                self._preempt(victim)
+                out.preempted.append(victim)
+                if victim is seq:
+                    break
+            else:
+                out.scheduled.append((seq, n))
+                budget -= n
+                i += 1
+
+        while (
+            self.waiting
+            and budget > 0
+            and len(self.running) < self.config.max_num_seqs
+            and not out.preempted  # blocks are short: let the preempted go first, next step
+        ):
+            seq = self.waiting[0]
+            self.block_manager.share_cached_prefix(seq)
+            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            if not self.block_manager.allocate(seq, seq.num_computed_tokens + n):
+                self._release(seq)  # give back the cache hits; retry next step
+                break
+            self.waiting.popleft()
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            out.scheduled.append((seq, n))
+            budget -= n
+        return out
+
+    def update(self, out: SchedulerOutput, sampled: list[int | None]) -> None:
+        """Record a finished step: computed tokens advance, full blocks enter the prefix cache,
+        and sequences that sampled get their new token."""
+        for (seq, n), token in zip(out.scheduled, sampled, strict=True):
+            seq.num_computed_tokens += n
+            self.block_manager.cache_full_blocks(seq)
+            if token is not None:
+                seq.append_token(token)
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """Retire ``seq``; its blocks are freed (full cached ones stay reusable)."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.block_manager.free(seq)  # num_cached_tokens stays: it is reported in the output
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
+
+    def abort(self, request_id: str) -> bool:
+        """Finish the live request ``request_id`` as "abort"; False if there is none."""
+        for seq in (*self.running, *self.waiting):
+            if seq.request_id == request_id:
+                self.finish(seq, "abort")
+                return True
+        return False
+
+    def _preempt(self, seq: Sequence) -> None:
+        self._release(seq)
+        seq.status = SequenceStatus.PREEMPTED
+        self.waiting.appendleft(seq)
+
+    def _release(self, seq: Sequence) -> None:
+        self.block_manager.free(seq)
+        seq.num_computed_tokens = seq.num_cached_tokens = 0

@@ -1,0 +1,68 @@
+"""A request's state as the scheduler sees it: its tokens, its KV blocks, how far it has got."""
+
+from __future__ import annotations
+
+import enum
+import time
+
+from pico_vllm.sampling_params import SamplingParams
+
+
+class SequenceStatus(enum.Enum):
+    """WAITING -> RUNNING -> (PREEMPTED -> RUNNING ->) FINISHED.
+
+    A PREEMPTED sequence lost its KV blocks and waits at the front of the queue to be
+    recomputed (prompt and the tokens it had generated alike).
+    """
+
+    WAITING = enum.auto()
+    RUNNING = enum.auto()
+    PREEMPTED = enum.auto()
+    FINISHED = enum.auto()
+
+
+class Sequence:
+    """One request: prompt + generated tokens, and the pool blocks holding their K/V."""
+
+    def __init__(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        arrival_time: float | None = None,
+    ) -> None:
+        self.request_id = request_id
+        self.params = params
+        self.arrival_time = time.monotonic() if arrival_time is None else arrival_time
+        self.token_ids = list(prompt_token_ids)
+        self.num_prompt_tokens = len(prompt_token_ids)
+        self.num_computed_tokens = 0  # tokens whose K/V is in the pool
+        self.num_cached_tokens = 0  # of those, served by the prefix cache at (re)admission
+        self.block_table: list[int] = []
+        self.status = SequenceStatus.WAITING
+        self.finish_reason: str | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED
+
+    def append_token(self, token_id: int) -> None:
+        self.token_ids.append(token_id)
+
+    def __repr__(self) -> str:
+        return (
+            f"Sequence({self.request_id!r}, {self.status.name}, tokens={self.num_tokens}, "
+            f"computed={self.num_computed_tokens}, blocks={self.block_table})"
+        )

@@ -1,0 +1,169 @@
+"""Llama (covers Llama 2/3, Mistral, SmolLM, TinyLlama) over a flat batch of tokens.
+
+Parameter names match Hugging Face / mlx-lm checkpoints, so ``mlx_lm.utils.load_model`` loads
+them (quantized mlx-community ones included) unchanged. Unlike mlx-lm's model, which runs a
+``[batch, seq_len]`` rectangle, ours runs the engine's flat ``[T]`` tokens: each with its own
+position, and attention told by ``AttentionMetadata`` where each token's context lives.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.models.base import BaseModelArgs
+from mlx_lm.models.rope_utils import initialize_rope
+
+from pico_vllm.layers.attention import AttentionMetadata, KVCache, attention
+
+
+@dataclass
+class ModelArgs(BaseModelArgs):
+    model_type: str
+    hidden_size: int
+    num_hidden_layers: int
+    intermediate_size: int
+    num_attention_heads: int
+    rms_norm_eps: float
+    vocab_size: int
+    head_dim: int | None = None
+    max_position_embeddings: int | None = None
+    num_key_value_heads: int | None = None
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    rope_theta: float = 10000.0
+    rope_traditional: bool = False
+    rope_scaling: dict | None = None
+    tie_word_embeddings: bool = True
+
+    def __post_init__(self) -> None:
+        self.num_key_value_heads = self.num_key_value_heads or self.num_attention_heads
+        self.head_dim = self.head_dim or self.hidden_size // self.num_attention_heads
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs, layer: int) -> None:
+        super().__init__()
+        self.layer = layer
+        self.num_heads, self.num_kv_heads = args.num_attention_heads, args.num_key_value_heads
+        self.head_dim = head_dim = args.head_dim
+        self.scale = head_dim**-0.5
+        bias = args.attention_bias
+        self.q_proj = nn.Linear(args.hidden_size, self.num_heads * head_dim, bias=bias)
+        self.k_proj = nn.Linear(args.hidden_size, self.num_kv_heads * head_dim, bias=bias)
+        self.v_proj = nn.Linear(args.hidden_size, self.num_kv_heads * head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * head_dim, args.hidden_size, bias=bias)
+        self.rope = initialize_rope(
+            head_dim, args.rope_theta, args.rope_traditional, args.rope_scaling,
+            args.max_position_embeddings,
+        )
+
+    def normalize_qk(self, q: mx.array, k: mx.array) -> tuple[mx.array, mx.array]:
+        """Hook for architectures that normalize q/k per head (Qwen3); Llama does not."""
+        return q, k
+
+    def __call__(
+        self, x: mx.array, positions: mx.array, cache: KVCache, meta: AttentionMetadata
+    ) -> mx.array:
+        T = x.shape[0]
+        q = self.q_proj(x).reshape(T, self.num_heads, self.head_dim)
+        k = self.k_proj(x).reshape(T, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).reshape(T, self.num_kv_heads, self.head_dim)
+        q, k = self.normalize_qk(q, k)
+        # Every token has its own position: rotate [T, H, 1, D] with one offset per row.
+        q = self.rope(q[:, :, None, :], offset=positions)[:, :, 0, :]
+        k = self.rope(k[:, :, None, :], offset=positions)[:, :, 0, :]
+        out = attention(q, k, v, cache, self.layer, meta, self.scale)
+        return self.o_proj(out.reshape(T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        dim, hidden, bias = args.hidden_size, args.intermediate_size, args.mlp_bias
+        self.gate_proj = nn.Linear(dim, hidden, bias=bias)
+        self.up_proj = nn.Linear(dim, hidden, bias=bias)
+        self.down_proj = nn.Linear(hidden, dim, bias=bias)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    attention_class = Attention
+
+    def __init__(self, args: ModelArgs, layer: int) -> None:
+        super().__init__()
+        self.self_attn = self.attention_class(args, layer)
+        self.mlp = MLP(args)
+        self.input_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        self.post_attention_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+
+    def __call__(self, x, positions, cache, meta) -> mx.array:
+        h = x + self.self_attn(self.input_layernorm(x), positions, cache, meta)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, args: ModelArgs, layer_class: type[DecoderLayer]) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = [layer_class(args, i) for i in range(args.num_hidden_layers)]
+        self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+
+    def __call__(self, input_ids, positions, cache, meta) -> mx.array:
+        h = self.embed_tokens(input_ids)
+        for layer in self.layers:
+            h = layer(h, positions, cache, meta)
+        return self.norm(h)
+
+
+class Model(nn.Module):
+    """Causal LM: ``model(input_ids[T], positions[T], cache, meta) -> hidden[T, hidden]``,
+    then ``compute_logits`` on the rows that sample."""
+
+    layer_class = DecoderLayer
+
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.args = args
+        self.model_type = args.model_type
+        self.model = LlamaModel(args, self.layer_class)
+        if not args.tie_word_embeddings:
+            self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+
+    def __call__(
+        self, input_ids: mx.array, positions: mx.array, cache: KVCache, meta: AttentionMetadata
+    ) -> mx.array:
+        return self.model(input_ids, positions, cache, meta)
+
+    def compute_logits(self, hidden: mx.array) -> mx.array:
+        if self.args.tie_word_embeddings:
+            return self.model.embed_tokens.as_linear(hidden)
+        return self.lm_head(hidden)
+
+    def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
+        """Drop what HF checkpoints carry but the model derives (rotary tables, tied heads)."""
+        weights = {k: v for k, v in weights.items() if "rotary_emb.inv_freq" not in k}
+        if self.args.tie_word_embeddings:
+            weights.pop("lm_head.weight", None)
+            weights.pop("lm_head.scales", None)
+            weights.pop("lm_head.biases", None)
+        return weights
+
+    @property
+    def layers(self) -> list[DecoderLayer]:
+        return self.model.layers
+
+    @property
+    def num_layers(self) -> int:
+        return self.args.num_hidden_layers
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.args.num_key_value_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.args.head_dim

@@ -31,7 +31,7 @@ def mlx_lm_model() -> nn.Module:
         model,
         group_size=quant["group_size"],
         bits=quant["bits"],
-        class_predicate=lambda path, _: f"{path}.scales" in weights,
+        class_predicate=lambda path, _: quant.get(path, True) if f"{path}.scales" in weights else False,
     )
     model.load_weights(list(model.sanitize(weights).items()))
     model = dequantize_model(model)

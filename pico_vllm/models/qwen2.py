@@ -12,7 +12,6 @@ from pico_vllm.models import llama
 @dataclass
 class ModelArgs(llama.ModelArgs):
     rope_theta: float = 1000000.0
-    tie_word_embeddings: bool = False
 
 
 class Attention(llama.Attention):

@@ -1,0 +1,95 @@
+"""Random-weight models of real architectures, saved as Hugging Face folders: the fast fixtures.
+
+They are built with mlx-lm's own model classes (so mlx-lm, the oracle, loads them natively) and
+given *peaked* logits, so that greedy decoding is decided by clear margins, not fp32 near-ties.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlx.core as mx
+from mlx.utils import tree_flatten
+from mlx_lm.models import llama, qwen2, qwen3
+
+ARCHITECTURES = {"llama": llama, "qwen2": qwen2, "qwen3": qwen3}
+EOS_TOKEN_ID = 257  # "</s>" in the tiny tokenizer below
+
+
+def make_random_model(
+    directory: Path,
+    arch: str = "llama",
+    *,
+    head_dim: int = 64,
+    num_attention_heads: int = 4,
+    num_key_value_heads: int = 2,
+    num_hidden_layers: int = 2,
+    intermediate_size: int = 256,
+    vocab_size: int = 512,
+    tie_word_embeddings: bool = False,
+    logit_scale: float = 8.0,
+    seed: int = 0,
+) -> Path:
+    """Save a random ``arch`` model (llama | qwen2 | qwen3) with a byte-level tokenizer under
+    ``directory``; returns ``directory``. Qwen2 derives head_dim from hidden_size, so the hidden
+    size is always ``num_attention_heads * head_dim``."""
+    config = {
+        "model_type": arch,
+        "architectures": [{"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                           "qwen3": "Qwen3ForCausalLM"}[arch]],
+        "hidden_size": num_attention_heads * head_dim,
+        "num_hidden_layers": num_hidden_layers,
+        "intermediate_size": intermediate_size,
+        "num_attention_heads": num_attention_heads,
+        "num_key_value_heads": num_key_value_heads,
+        "head_dim": head_dim,
+        "rms_norm_eps": 1e-5,
+        "vocab_size": vocab_size,
+        "rope_theta": 10000.0,
+        "max_position_embeddings": 1024,
+        "tie_word_embeddings": tie_word_embeddings,
+        "bos_token_id": 256,
+        "eos_token_id": EOS_TOKEN_ID,
+        "torch_dtype": "float32",
+    }
+    module = ARCHITECTURES[arch]
+    mx.random.seed(seed)
+    model = module.Model(module.ModelArgs.from_dict(config))
+    # Peaked logits: scale the output projection so top-1 margins dwarf fp32 rounding.
+    if tie_word_embeddings:
+        model.model.embed_tokens.weight = model.model.embed_tokens.weight * logit_scale
+    else:
+        model.lm_head.weight = model.lm_head.weight * logit_scale
+    directory.mkdir(parents=True, exist_ok=True)
+    mx.save_safetensors(str(directory / "model.safetensors"), dict(tree_flatten(model.parameters())))
+    (directory / "config.json").write_text(json.dumps(config, indent=2))
+    write_tiny_tokenizer(directory, vocab_size)
+    return directory
+
+
+def write_tiny_tokenizer(directory: Path, vocab_size: int) -> None:
+    """A byte-level BPE tokenizer: 256 byte tokens, ``<s>``/``</s>``, and filler tokens up to
+    ``vocab_size`` so that every id a random model emits decodes to something."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    alphabet = ByteLevel.alphabet()
+    byte_chars = sorted(alphabet, key=lambda c: ord(c))
+    vocab = {c: i for i, c in enumerate(byte_chars)}
+    vocab["<s>"], vocab["</s>"] = 256, 257
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    fillers = (a + b for a in letters for b in letters)
+    for token_id in range(258, vocab_size):
+        vocab[next(fillers)] = token_id
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.add_special_tokens([AddedToken(t, special=True) for t in ("<s>", "</s>")])
+    tokenizer.save(str(directory / "tokenizer.json"))
+    (directory / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": "<s>",
+        "eos_token": "</s>",
+        "add_bos_token": False,
+    }))

@@ -1,0 +1,136 @@
+"""Block manager: allocation, refcounts, prefix-cache hits and LRU eviction, with exact counts."""
+
+from __future__ import annotations
+
+import pytest
+
+from pico_vllm.engine.block_manager import BlockManager
+from pico_vllm.engine.sequence import Sequence
+from pico_vllm.sampling_params import SamplingParams
+
+BS = 4
+
+
+def seq(tokens: list[int], name: str = "r") -> Sequence:
+    return Sequence(name, tokens, SamplingParams(max_tokens=4))
+
+
+def computed(manager: BlockManager, s: Sequence) -> Sequence:
+    """Admit ``s`` and pretend its whole prompt was computed."""
+    manager.share_cached_prefix(s)
+    assert manager.allocate(s, s.num_tokens)
+    s.num_computed_tokens = s.num_tokens
+    manager.cache_full_blocks(s)
+    return s
+
+
+def test_allocate_and_free_exact_counts():
+    m = BlockManager(num_blocks=8, block_size=BS)
+    s = seq(list(range(10)))
+    assert m.allocate(s, 10)
+    assert len(s.block_table) == 3 and m.num_free_blocks == 5
+    assert m.allocate(s, 12) and len(s.block_table) == 3  # still fits in 3 blocks
+    assert m.allocate(s, 13) and len(s.block_table) == 4
+    m.check_invariants()
+    m.free(s)
+    assert s.block_table == [] and m.num_free_blocks == 8
+    m.check_invariants()
+
+
+def test_allocation_is_all_or_nothing():
+    m = BlockManager(num_blocks=3, block_size=BS)
+    s = seq(list(range(20)))
+    assert not m.allocate(s, 20)
+    assert s.block_table == [] and m.num_free_blocks == 3
+
+
+def test_shared_prefix_hits_full_blocks_and_counts_refs():
+    m = BlockManager(num_blocks=10, block_size=BS)
+    a = computed(m, seq(list(range(10)), "a"))  # blocks: [0-3] [4-7] [8,9]
+    b = seq(list(range(8)) + [99, 98, 97], "b")
+    m.share_cached_prefix(b)
+    assert b.block_table == a.block_table[:2]
+    assert b.num_computed_tokens == b.num_cached_tokens == 8
+    assert [m.blocks[i].ref_count for i in a.block_table] == [2, 2, 1]
+    assert m.allocate(b, b.num_tokens) and len(b.block_table) == 3
+    assert m.num_free_blocks == 10 - 4
+    m.check_invariants()
+
+
+def test_hit_needs_the_same_prefix_not_just_the_same_block():
+    m = BlockManager(num_blocks=10, block_size=BS)
+    computed(m, seq([1, 2, 3, 4, 5, 6, 7, 8, 9], "a"))
+    b = seq([0, 0, 0, 0, 5, 6, 7, 8, 9], "b")  # second block equal, first differs
+    m.share_cached_prefix(b)
+    assert b.num_computed_tokens == 0 and b.block_table == []
+
+
+def test_hit_leaves_at_least_one_token_to_compute():
+    m = BlockManager(num_blocks=10, block_size=BS)
+    computed(m, seq(list(range(8)), "a"))  # exactly two full blocks
+    b = seq(list(range(8)), "b")
+    m.share_cached_prefix(b)
+    assert b.num_computed_tokens == 4  # the last block is recomputed, never rewritten in place
+    assert len(b.block_table) == 1
+
+
+def test_hash_collision_is_caught_by_token_check(monkeypatch):
+    m = BlockManager(num_blocks=10, block_size=BS)
+    a = computed(m, seq([1, 2, 3, 4, 5], "a"))
+    block = m.blocks[a.block_table[0]]
+    # Pretend another prefix hashes to the cached block's hash.
+    b = seq([9, 9, 9, 9, 5], "b")
+    m._cached[hash((None, (9, 9, 9, 9)))] = block.block_id
+    m.share_cached_prefix(b)
+    assert b.num_computed_tokens == 0
+
+
+def test_freed_cached_blocks_are_reused_then_evicted_lru():
+    m = BlockManager(num_blocks=4, block_size=BS)
+    a = computed(m, seq(list(range(9)), "a"))  # 2 full cached blocks + 1 partial
+    m.free(a)
+    assert m.num_free_blocks == 4  # cached blocks count as free (reclaimable)
+    m.check_invariants()
+    again = seq(list(range(9)), "a2")
+    m.share_cached_prefix(again)
+    assert again.num_cached_tokens == 8  # came back from the cache
+    m.free(again)
+    # A new unrelated sequence needing all 4 blocks takes the never-cached one first, then
+    # evicts cached ones in LRU order: the tail block (freed first) before the head.
+    big = seq(list(range(100, 116)), "big")
+    assert m.allocate(big, 16)
+    assert m._cached == {}
+    assert m.num_free_blocks == 0
+    m.check_invariants()
+
+
+def test_partial_eviction_keeps_the_head_of_a_prefix():
+    m = BlockManager(num_blocks=4, block_size=BS)
+    a = computed(m, seq(list(range(13)), "a"))  # 3 full cached blocks + 1 partial
+    head = a.block_table[0]
+    m.free(a)
+    other = seq([500, 501, 502], "o")
+    assert m.allocate(other, 3) and m.allocate(other, 8)  # takes the partial block, then 1 LRU
+    c = seq(list(range(13)), "c")
+    m.share_cached_prefix(c)
+    assert c.block_table[:1] == [head]  # the head survived: the tail was evicted first
+
+
+def test_disabled_prefix_caching_never_hits():
+    m = BlockManager(num_blocks=8, block_size=BS, enable_prefix_caching=False)
+    a = computed(m, seq(list(range(9)), "a"))
+    m.free(a)
+    b = seq(list(range(9)), "b")
+    m.share_cached_prefix(b)
+    assert b.num_computed_tokens == 0 and m._cached == {}
+
+
+def test_double_free_is_detected():
+    m = BlockManager(num_blocks=4, block_size=BS)
+    s = seq([1, 2, 3])
+    assert m.allocate(s, 3)
+    table = list(s.block_table)
+    m.free(s)
+    s.block_table = table
+    with pytest.raises(AssertionError, match="double free"):
+        m.free(s)

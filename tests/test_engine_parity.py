@@ -160,3 +160,28 @@ def test_identical_prompts_fully_cached_still_generate(models, oracles):
     again = run_greedy(engine, [prompt, prompt])
     assert again == [first[0], first[0]]
     assert_matches(first[0], prompt, oracles[key])
+
+
+def test_quantized_checkpoint_runs_dequantized_on_cpu_and_matches(tmp_path):
+    """An mlx-community style 4-bit folder loads unchanged; on the CPU it is dequantized to fp32
+    and still follows mlx-lm (which runs the quantized matmuls) token for token."""
+    import shutil
+
+    from mlx_lm.utils import load_model, quantize_model, save_config, save_model
+
+    source = make_random_model(tmp_path / "fp32", "qwen2", head_dim=64, seed=11)
+    model, config = load_model(source)
+    model, config = quantize_model(model, config, group_size=64, bits=4)
+    target = tmp_path / "4bit"
+    save_model(target, model)
+    save_config(config, target / "config.json")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(source / name, target / name)
+
+    engine = LLMEngine(EngineConfig(model=str(target), num_blocks=128))
+    assert engine.model.model.layers[0].self_attn.q_proj.weight.dtype == mx.float32
+    assert "QuantizedLinear" not in str(engine.model)
+    prompts = prompts_for(engine.vocab_size, [5, 40, 100], seed=4)
+    oracle = Oracle(target)
+    for prompt, ours in zip(prompts, run_greedy(engine, prompts)):
+        assert_matches(ours, prompt, oracle)

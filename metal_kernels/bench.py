@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
             kernel = timeit(paged_attention_kernel, *args_paged)
             reference = timeit(paged_attention_reference, *args_paged)
             sdpa = timeit(
-                lambda q, k, v: mx.fast.scaled_dot_product_attention(q[:, :, None], k, v, scale=scale),
+                lambda q, k, v, s=scale: mx.fast.scaled_dot_product_attention(q[:, :, None], k, v, scale=s),
                 q, k_dense, v_dense,
             )
             print(f"{batch:>5} {context:>7} {kernel * 1e3:>10.3f} {reference * 1e3:>13.3f} "

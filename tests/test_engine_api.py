@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from model_factory import make_random_model
+
 from pico_vllm import LLM, EngineConfig, LLMEngine, SamplingParams
 from pico_vllm.cli import main as cli_main
 

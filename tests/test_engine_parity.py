@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from mlx_lm.generate import generate_step
 from mlx_lm.utils import load as mlx_lm_load
-
 from model_factory import make_random_model
+
 from pico_vllm import EngineConfig, LLMEngine, SamplingParams
 
 MAX_TOKENS = 10

@@ -8,8 +8,8 @@ import shutil
 import mlx.core as mx
 import numpy as np
 import pytest
-
 from harness import build, capture_msl, run
+
 from metal_kernels.kernel import (
     build_kernel,
     kernel_source,

@@ -45,7 +45,7 @@ def resolve_num_blocks(config: EngineConfig, model: nn.Module, dtype: mx.Dtype) 
         return config.num_blocks
     budget = config.kv_cache_bytes
     if budget is None and on_metal():
-        info = mx.metal.device_info()
+        info = mx.device_info() if hasattr(mx, "device_info") else mx.metal.device_info()
         weights = sum(p.nbytes for _, p in nn.utils.tree_flatten(model.parameters()))
         budget = int((info["max_recommended_working_set_size"] - weights) * METAL_KV_FRACTION)
     if budget is None:

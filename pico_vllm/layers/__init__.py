@@ -1,0 +1,1 @@
+"""Layers over the flat batch: paged attention and the batched sampler."""

@@ -107,7 +107,7 @@ class ModelRunner:
         ``batch`` must list single-token queries before multi-token chunks.
         """
         bs = self.block_size
-        ids, pos, slots = [], [], []
+        ids, pos, slot_blocks = [], [], []
         decode_tables, decode_lens, prefills = [], [], []
         start = 0
         for seq, n in batch:
@@ -116,7 +116,7 @@ class ModelRunner:
             table = np.asarray(seq.block_table, dtype=np.int32)
             ids.append(np.asarray(seq.token_ids[first : first + n], dtype=np.int32))
             pos.append(positions)
-            slots.append(table[positions // bs] * bs + positions % bs)
+            slot_blocks.append(table[positions // bs])
             context_len = first + n
             num_blocks = -(-context_len // bs)
             if n == 1:
@@ -133,7 +133,8 @@ class ModelRunner:
         for row, table in enumerate(decode_tables):
             block_tables[row, : len(table)] = table
         meta = AttentionMetadata(
-            slot_mapping=mx.array(np.concatenate(slots)),
+            slot_blocks=mx.array(np.concatenate(slot_blocks)[:, None]),
+            slot_offsets=mx.array(np.concatenate(pos)[:, None] % bs),
             num_decode_tokens=len(decode_tables),
             block_tables=mx.array(block_tables),
             context_lens=mx.array(np.asarray(decode_lens, dtype=np.int32)),

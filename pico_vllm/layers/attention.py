@@ -37,7 +37,11 @@ class AttentionMetadata:
     ``context_lens``; the rest are the ``prefills``, in order.
     """
 
-    slot_mapping: mx.array  # [T] int32: block * block_size + offset of each new token
+    # Each new token's pool slot, as (block, offset) columns [T, 1]: token i's K/V goes to
+    # pool[slot_blocks[i], :, slot_offsets[i]]. (vLLM's slot_mapping = block * block_size + offset;
+    # split once per step here, so no layer has to.)
+    slot_blocks: mx.array
+    slot_offsets: mx.array
     num_decode_tokens: int
     block_tables: mx.array  # [num_decode_tokens, max_blocks] int32, padded with 0
     context_lens: mx.array  # [num_decode_tokens] int32, the query token included
@@ -64,7 +68,8 @@ class KVCache:
         self.keys = [mx.zeros(shape, dtype) for _ in range(num_layers)]
         self.values = [mx.zeros(shape, dtype) for _ in range(num_layers)]
         self.block_size = block_size
-        mx.eval(self.keys, self.values)
+        self._heads = mx.arange(num_kv_heads)[None, :]
+        mx.eval(self.keys, self.values, self._heads)
 
     @property
     def state(self) -> list[mx.array]:
@@ -75,14 +80,12 @@ class KVCache:
     def nbytes(self) -> int:
         return sum(a.nbytes for a in self.state)
 
-    def write(self, layer: int, k: mx.array, v: mx.array, slot_mapping: mx.array) -> None:
+    def write(self, layer: int, k: mx.array, v: mx.array, meta: AttentionMetadata) -> None:
         """Store ``k``/``v`` (``[T, Hkv, D]``) of the step's tokens at their slots."""
-        blocks = (slot_mapping // self.block_size)[:, None]
-        offsets = (slot_mapping % self.block_size)[:, None]
-        heads = mx.arange(k.shape[1])[None, :]
         # Three broadcast index arrays select [T, Hkv] rows of D values: an in-place scatter.
-        self.keys[layer][blocks, heads, offsets] = k
-        self.values[layer][blocks, heads, offsets] = v
+        index = (meta.slot_blocks, self._heads, meta.slot_offsets)
+        self.keys[layer][index] = k
+        self.values[layer][index] = v
 
 
 def attention(
@@ -98,7 +101,7 @@ def attention(
 
     Returns ``[T, Hq, D]``; ``q``/``k`` must already carry their rotary embedding.
     """
-    cache.write(layer, k, v, meta.slot_mapping)
+    cache.write(layer, k, v, meta)
     k_pool, v_pool = cache.keys[layer], cache.values[layer]
     outputs = []
     if meta.num_decode_tokens:

@@ -19,6 +19,8 @@
 // device memory serves G dot products. Inside, simdgroup s takes tokens p*PART + s, + NSG, ...;
 // each of its 32 lanes holds D/32 consecutive elements of q, k, v and the output.
 //
+// Metal names are spelled out (metal::...) so the body does not rely on `using namespace metal`.
+//
 // Pass 1 (this kernel): per simdgroup, an online softmax over its tokens in fp32:
 //   s = q.k * scale (a simd_sum over lanes);  m' = max(m, s);
 //   l' = l * exp(m - m') + exp(s - m');       o' = o * exp(m - m') + exp(s - m') * v
@@ -45,9 +47,9 @@ const int num_q_heads = num_kv_heads * G;
 const int max_blocks = block_tables_shape[1];
 const int context_len = context_lens[b];
 const int t_begin = part * PART;
-const int t_end = min(context_len, t_begin + PART);
+const int t_end = metal::min(context_len, t_begin + PART);
 const int d0 = lane * EPT;                   // this lane's first element
-const int n_mine = clamp(D - d0, 0, EPT);    // how many of its EPT slots are real
+const int n_mine = metal::clamp(D - d0, 0, EPT);    // how many of its EPT slots are real
 
 // Per-lane registers: this lane's slice of each query head, its running output, max and sum.
 float q_reg[G][EPT];
@@ -78,10 +80,10 @@ for (int t = t_begin + (int)sg; t < t_end; t += NSG) {
     for (int i = 0; i < EPT; i++) {
       score += q_reg[g][i] * k_reg[i];
     }
-    score = simd_sum(score);
-    const float m_new = max(m_reg[g], score);
-    const float rescale = fast::exp(m_reg[g] - m_new);
-    const float weight = fast::exp(score - m_new);
+    score = metal::simd_sum(score);
+    const float m_new = metal::max(m_reg[g], score);
+    const float rescale = metal::fast::exp(m_reg[g] - m_new);
+    const float weight = metal::fast::exp(score - m_new);
     l_reg[g] = l_reg[g] * rescale + weight;
     for (int i = 0; i < EPT; i++) {
       o_reg[g][i] = o_reg[g][i] * rescale + weight * v_reg[i];
@@ -103,13 +105,13 @@ for (int g = 0; g < G; g++) {
     tg_l[sg * G + g] = l_reg[g];
   }
 }
-threadgroup_barrier(mem_flags::mem_threadgroup);
+metal::threadgroup_barrier(metal::mem_flags::mem_threadgroup);
 
 if (sg == 0) {
   for (int g = 0; g < G; g++) {
     float m_all = -INFINITY;
     for (int s = 0; s < NSG; s++) {
-      m_all = max(m_all, tg_m[s * G + g]);
+      m_all = metal::max(m_all, tg_m[s * G + g]);
     }
     float l_all = 0.0f;
     float acc[EPT];
@@ -118,7 +120,7 @@ if (sg == 0) {
     }
     for (int s = 0; s < NSG; s++) {
       // A simdgroup that saw no token has l = 0 (and m = -inf): it must weigh nothing.
-      const float w = tg_l[s * G + g] > 0.0f ? fast::exp(tg_m[s * G + g] - m_all) : 0.0f;
+      const float w = tg_l[s * G + g] > 0.0f ? metal::fast::exp(tg_m[s * G + g] - m_all) : 0.0f;
       l_all += w * tg_l[s * G + g];
       for (int i = 0; i < n_mine; i++) {
         acc[i] += w * tg_o[(s * G + g) * D + d0 + i];

@@ -80,9 +80,8 @@ struct bfloat16_t {  // storage-only bf16: the upper half of a float32
     return f;
   }
 };
-enum class mem_flags { mem_none = 0, mem_device = 1, mem_threadgroup = 2 };
-
 namespace metal {
+enum class mem_flags { mem_none = 0, mem_device = 1, mem_threadgroup = 2 };
 using std::clamp;
 using std::exp;
 using std::max;

@@ -156,7 +156,7 @@ def _mutated(old: str, new: str) -> str:
 def test_mutation_removed_barrier_is_caught():
     """Without the barrier, simdgroup 0 merges before the others have written: TSan reports the
     race (and the values may be wrong too)."""
-    source = _mutated("threadgroup_barrier(mem_flags::mem_threadgroup);", "")
+    source = _mutated("metal::threadgroup_barrier(metal::mem_flags::mem_threadgroup);", "")
     rng = np.random.default_rng(1)
     case = make_case(rng, 2, 64, 16, [40, 200, 3], mx.float32)
     with pytest.raises(AssertionError):

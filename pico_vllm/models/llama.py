@@ -71,9 +71,11 @@ class Attention(nn.Module):
         k = self.k_proj(x).reshape(T, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).reshape(T, self.num_kv_heads, self.head_dim)
         q, k = self.normalize_qk(q, k)
-        # Every token has its own position: rotate [T, H, 1, D] with one offset per row.
-        q = self.rope(q[:, :, None, :], offset=positions)[:, :, 0, :]
-        k = self.rope(k[:, :, None, :], offset=positions)[:, :, 0, :]
+        # Every token has its own position: rotate [T, H, 1, D] with one offset per row, q and k
+        # heads together (one rotary call per layer instead of two).
+        qk = mx.concatenate([q, k], axis=1)[:, :, None, :]
+        qk = self.rope(qk, offset=positions)[:, :, 0, :]
+        q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]
         out = attention(q, k, v, cache, self.layer, meta, self.scale)
         return self.o_proj(out.reshape(T, -1))
 

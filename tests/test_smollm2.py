@@ -67,3 +67,14 @@ def test_chat_prompt_answers_readably(llm):
     assert "Paris" in out.text
     assert out.text.isprintable() or "\n" in out.text
     assert out.finish_reason in ("stop", "length")
+
+
+def test_cli_streams_the_embedded_model_with_chat(capsys):
+    from pico_vllm.cli import main
+
+    code = main(["generate", "--chat", "--prompt", "What is the capital of France?",
+                 "--max-tokens", "12", "--num-requests", "2"])
+    captured = capsys.readouterr()
+    assert code == 0
+    assert "Paris" in captured.out
+    assert "embedded SmolLM2-135M-Instruct" in captured.err and "2 request(s)" in captured.err

@@ -1,0 +1,65 @@
+"""Our flat-batch models against mlx-lm's own forward pass: logits, not just argmax."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx_lm.models.cache import make_prompt_cache
+from mlx_lm.utils import load as mlx_lm_load
+from model_factory import make_random_model
+
+from pico_vllm.layers.attention import AttentionMetadata, KVCache, PrefillChunk
+from pico_vllm.models import load_model_dir
+
+BS = 8
+
+
+def metadata(positions: list[int], table: list[int], decode: bool) -> AttentionMetadata:
+    pos = np.array(positions)
+    blocks = np.array(table)[pos // BS]
+    context = positions[-1] + 1
+    tables = mx.array(np.array(table[: -(-context // BS)], np.int32))
+    return AttentionMetadata(
+        slot_blocks=mx.array(blocks[:, None].astype(np.int32)),
+        slot_offsets=mx.array((pos % BS)[:, None].astype(np.int32)),
+        num_decode_tokens=1 if decode else 0,
+        block_tables=tables[None] if decode else mx.zeros((0, 1), mx.int32),
+        context_lens=mx.array([context], mx.int32) if decode else mx.zeros((0,), mx.int32),
+        prefills=() if decode else (PrefillChunk(0, len(positions), context, tables),),
+    )
+
+
+@pytest.mark.parametrize("arch,head_dim,tied", [("llama", 64, False), ("llama", 32, True),
+                                                 ("qwen2", 64, False), ("qwen3", 32, False)])
+def test_prefill_chunks_and_decode_match_mlx_lm_logits(tmp_path, arch, head_dim, tied):
+    path = make_random_model(tmp_path / arch, arch, head_dim=head_dim, tie_word_embeddings=tied)
+    ours, _ = load_model_dir(path)
+    theirs, _ = mlx_lm_load(str(path))
+    prompt = np.random.default_rng(0).integers(3, 512, size=21).tolist()
+    expected = theirs(mx.array(prompt)[None], cache=(cache := make_prompt_cache(theirs)))[0]
+
+    pool = KVCache(ours.num_layers, 16, ours.num_kv_heads, BS, ours.head_dim, mx.float32)
+    table = [9, 2, 14, 5]  # scattered blocks
+    got = []
+    for start, end in [(0, 13), (13, 20)]:  # a prompt in two chunks...
+        span = list(range(start, end))
+        hidden = ours(mx.array(prompt[start:end]), mx.array(span), pool, metadata(span, table, False))
+        got.append(ours.compute_logits(hidden))
+    hidden = ours(mx.array(prompt[20:]), mx.array([20]), pool, metadata([20], table, True))  # ...a decode
+    got.append(ours.compute_logits(hidden))
+    np.testing.assert_allclose(np.array(mx.concatenate(got)), np.array(expected), atol=2e-4, rtol=2e-4)
+
+    token = int(mx.argmax(expected[-1]))
+    expected_next = theirs(mx.array([[token]]), cache=cache)[0, -1]
+    hidden = ours(mx.array([token]), mx.array([21]), pool, metadata([21], table, True))
+    np.testing.assert_allclose(np.array(ours.compute_logits(hidden)[0]), np.array(expected_next),
+                               atol=2e-4, rtol=2e-4)
+
+
+def test_unsupported_architecture_lists_the_supported_ones(tmp_path):
+    from pico_vllm.models import get_model_classes
+
+    with pytest.raises(ValueError, match="unsupported architecture 'mamba'; supported: llama, "
+                                         "mistral, qwen2, qwen3"):
+        get_model_classes({"model_type": "mamba"})

@@ -17,7 +17,7 @@ from metal_kernels.kernel import (
 
 METAL_FILES = sorted((Path(__file__).parents[2] / "metal_kernels").glob("*.metal"))
 TEMPLATE_NAMES = {"D", "BS", "G", "NSG", "PART"}
-GQA_GROUPS = (1, 2, 4, 8, 16)
+GQA_GROUPS = (1, 2, 3, 4, 6, 7, 8, 16)
 
 
 def code_of(path: Path) -> str:

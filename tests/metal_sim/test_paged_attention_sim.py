@@ -25,9 +25,9 @@ TOLERANCE = {mx.float32: 2e-5, mx.float16: 2e-4}  # outputs are fp32 partials in
 INVALID_BLOCK = 1 << 28  # fills block-table padding: any read past a context is out of bounds
 
 
-def make_case(rng, group, head_dim, block_size, context_lens, dtype):
+def make_case(rng, group, head_dim, block_size, context_lens, dtype, num_kv_heads=None):
     """Random q/K/V, a pool with shuffled non-contiguous blocks, and padded block tables."""
-    num_kv_heads = NUM_Q_HEADS // group
+    num_kv_heads = num_kv_heads or NUM_Q_HEADS // group
     blocks_per_seq = [-(-c // block_size) for c in context_lens]
     max_blocks = max(max(blocks_per_seq), 1) + 1  # one more: padding every row carries
     num_blocks = sum(blocks_per_seq) + 3
@@ -42,7 +42,7 @@ def make_case(rng, group, head_dim, block_size, context_lens, dtype):
         return mx.array(rng.standard_normal(shape).astype(np.float32)).astype(dtype)
 
     return (
-        rand(len(context_lens), NUM_Q_HEADS, head_dim),
+        rand(len(context_lens), num_kv_heads * group, head_dim),
         rand(num_blocks, num_kv_heads, block_size, head_dim),
         rand(num_blocks, num_kv_heads, block_size, head_dim),
         mx.array(tables),
@@ -137,6 +137,15 @@ def test_fp16_matrix(group, head_dim):
 def test_other_head_dims(head_dim):
     rng = np.random.default_rng([head_dim])
     case = make_case(rng, 4, head_dim, 16, contexts_for(16, 64), mx.float32)
+    check(case, mx.float32, partition_size=64)
+
+
+@pytest.mark.parametrize("group,num_kv_heads", [(3, 3), (7, 2), (6, 2)])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_uneven_gqa_groups_of_real_models(group, num_kv_heads, head_dim):
+    """SmolLM2 (9 q / 3 kv heads), Qwen2.5-0.5B (14 / 2), Qwen2.5-1.5B (12 / 2)."""
+    rng = np.random.default_rng([group, num_kv_heads, head_dim])
+    case = make_case(rng, group, head_dim, 16, contexts_for(16, 64), mx.float32, num_kv_heads)
     check(case, mx.float32, partition_size=64)
 
 

@@ -1,15 +1,22 @@
 """Batched sampling: every row of the logits follows its own request's ``SamplingParams``.
 
-The pipeline, each stage vectorized over the batch:
-penalties -> min_tokens (block EOS / stop tokens) -> temperature -> top-k / top-p / min-p
-truncation -> draw (Gumbel-max with a per-row key) -> logprobs of the raw distribution.
-An all-greedy batch without penalties is a single argmax.
+One step is a short pipeline, each stage vectorized over the batch with ``[B]``-shaped
+parameter arrays (rows that do not use a stage pass through it unchanged):
+
+    penalties -> block stop tokens (min_tokens) -> greedy argmax
+                                                -> temperature -> min-p -> top-k/top-p -> draw
+
+The draw is Gumbel-max, ``argmax(logits + Gumbel noise)``, an exact sample from
+``softmax(logits)`` whose randomness is one noise row per request, so a seeded request gets
+its own noise whatever else shares the batch. Logprobs are those of the raw model logits.
+An all-greedy batch without penalties or logprobs is a single argmax.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import chain
 from typing import Protocol
 
 import mlx.core as mx
@@ -22,7 +29,7 @@ class SamplingRequest(Protocol):
     """What the sampler reads of a sequence (the engine's ``Sequence`` satisfies it)."""
 
     params: SamplingParams
-    token_ids: list[int]
+    token_ids: list[int]  # prompt + output
     num_prompt_tokens: int
 
     @property
@@ -34,120 +41,159 @@ class SamplingRequest(Protocol):
 
 @dataclass
 class SamplerOutput:
+    """One sampled token per row, with logprobs for the rows that asked."""
+
     token_ids: list[int]
     logprobs: list[float] | None  # logprob of each sampled token; None if no row asked
     top_logprobs: list[list[tuple[int, float]] | None]  # top-n (id, logprob) where asked
 
 
 class Sampler:
-    """Samples one token per row of ``logits[B, V]`` (float32)."""
+    """Samples one token per row of ``logits[B, V]`` (float32), row ``i`` by ``requests[i]``."""
 
     def __init__(self, eos_token_ids: set[int], seed: int = 0) -> None:
         self.eos_token_ids = sorted(eos_token_ids)
-        self._key = mx.random.key(seed)  # for requests without a seed of their own
+        self._key = mx.random.key(seed)  # the generator of requests without a seed
 
     def __call__(self, logits: mx.array, requests: Sequence[SamplingRequest]) -> SamplerOutput:
+        if logits.ndim != 2 or logits.shape[0] != len(requests):
+            raise ValueError(
+                f"logits must have shape [len(requests)={len(requests)}, vocab], "
+                f"got {tuple(logits.shape)}"
+            )
         params = [r.params for r in requests]
         raw = logits
         logits = self._apply_penalties(logits, requests)
         logits = self._block_stop_tokens(logits, requests)
-        greedy = mx.argmax(logits, axis=-1)
-        if all(p.greedy for p in params):
-            tokens = greedy
-        else:
+        tokens = mx.argmax(logits, axis=-1)
+        if not all(p.greedy for p in params):
             is_greedy = mx.array([p.greedy for p in params])
-            tokens = mx.where(is_greedy, greedy, self._draw(logits, requests))
-        token_list = tokens.tolist()
-        return self._with_logprobs(raw, token_list, params)
+            tokens = mx.where(is_greedy, tokens, self._draw(logits, requests))
+        return _with_logprobs(raw, tokens.tolist(), params)
 
     def _apply_penalties(self, logits: mx.array, requests: Sequence[SamplingRequest]) -> mx.array:
-        rows = [i for i, r in enumerate(requests) if _has_penalty(r.params)]
-        if not rows:
-            return logits
-        vocab = logits.shape[-1]
-        seen = np.zeros((len(rows), vocab), dtype=bool)  # in prompt or output
-        counts = np.zeros((len(rows), vocab), dtype=np.float32)  # occurrences in the output
-        for k, i in enumerate(rows):
-            seen[k, requests[i].token_ids] = True
-            np.add.at(counts[k], requests[i].output_token_ids, 1)
-        p = [requests[i].params for i in rows]
-        repetition = mx.array([x.repetition_penalty for x in p])[:, None]
-        presence = mx.array([x.presence_penalty for x in p])[:, None]
-        frequency = mx.array([x.frequency_penalty for x in p])[:, None]
-        index = mx.array(rows)
-        sub, seen_m, counts_m = logits[index], mx.array(seen), mx.array(counts)
-        # HF repetition penalty: shrink seen tokens' logits toward "less likely" on either sign.
-        sub = mx.where(seen_m, mx.where(sub > 0, sub / repetition, sub * repetition), sub)
-        # OpenAI penalties: a flat one per token present in the output, plus one per occurrence.
-        sub = sub - presence * (counts_m > 0) - frequency * counts_m
-        logits = mx.array(logits)
-        logits[index] = sub
-        return logits
+        """Repetition (HF) over prompt + output, presence and frequency (OpenAI) over output."""
+        penalized = [i for i, r in enumerate(requests) if _has_penalty(r.params)]
+        if not penalized:
+            return logits  # untouched, so greedy stays the bit-exact argmax of the model
+        in_context = _occurrences(logits.shape, penalized, [requests[i].token_ids for i in penalized]) > 0
+        in_output = _occurrences(logits.shape, penalized, [requests[i].output_token_ids for i in penalized])
+        # Rows without penalties get the neutral values (1, 0, 0): exactly unchanged.
+        repetition = _column([r.params.repetition_penalty for r in requests])
+        presence = _column([r.params.presence_penalty for r in requests])
+        frequency = _column([r.params.frequency_penalty for r in requests])
+        # Dividing a negative logit would make it *more* likely, so negatives are multiplied.
+        repeated = mx.where(logits > 0, logits / repetition, logits * repetition)
+        logits = mx.where(in_context, repeated, logits)
+        return logits - presence * (in_output > 0) - frequency * in_output
 
-    def _block_stop_tokens(self, logits: mx.array, requests: Sequence[SamplingRequest]):
-        """Until ``min_tokens`` are out, EOS and ``stop_token_ids`` cannot be sampled."""
+    def _block_stop_tokens(self, logits: mx.array, requests: Sequence[SamplingRequest]) -> mx.array:
+        """Until ``min_tokens`` are out, EOS (unless ignored) and ``stop_token_ids`` can't be drawn."""
+        vocab = logits.shape[-1]
         rows, cols = [], []
         for i, r in enumerate(requests):
-            if r.num_output_tokens < r.params.min_tokens:
-                stops = set(r.params.stop_token_ids)
-                if not r.params.ignore_eos:
-                    stops.update(self.eos_token_ids)
-                rows += [i] * len(stops)
-                cols += sorted(stops)
+            if r.num_output_tokens >= r.params.min_tokens:
+                continue
+            stops = set(r.params.stop_token_ids)
+            if not r.params.ignore_eos:
+                stops.update(self.eos_token_ids)
+            stops = [t for t in stops if t < vocab]  # an id past the vocab can't be drawn anyway
+            rows += [i] * len(stops)
+            cols += stops
         if not rows:
             return logits
-        logits = mx.array(logits)
-        logits[mx.array(rows), mx.array(cols)] = -mx.inf
-        return logits
+        blocked = mx.zeros(logits.shape, mx.bool_)
+        blocked[mx.array(rows), mx.array(cols)] = True
+        return mx.where(blocked, -mx.inf, logits)
 
     def _draw(self, logits: mx.array, requests: Sequence[SamplingRequest]) -> mx.array:
-        """Sample each row from its tempered, truncated distribution."""
+        """One token per row from its tempered, truncated distribution (greedy rows get junk)."""
         params = [r.params for r in requests]
-        temperature = mx.array([p.temperature if p.temperature > 0 else 1.0 for p in params])
-        order = mx.argsort(-logits, axis=-1)  # truncation works on tokens sorted by probability
-        sorted_logits = mx.take_along_axis(logits, order, axis=-1) / temperature[:, None]
-        probs = mx.softmax(sorted_logits, axis=-1)
-        rank = mx.arange(logits.shape[-1])[None, :]
-        top_k = mx.array([p.top_k if p.top_k > 0 else logits.shape[-1] for p in params])
-        top_p = mx.array([p.top_p for p in params])
-        min_p = mx.array([p.min_p for p in params])
-        keep = rank < top_k[:, None]
-        # top-p: keep a token if the mass strictly before it is still short of top_p.
-        keep &= (mx.cumsum(probs, axis=-1) - probs) < top_p[:, None]
-        keep &= probs >= min_p[:, None] * probs[:, :1]
-        keep |= rank == 0  # the most likely token always survives
-        noise = mx.stack([mx.random.gumbel((logits.shape[-1],), key=k) for k in self._keys(requests)])
-        choice = mx.argmax(mx.where(keep, sorted_logits + noise, -mx.inf), axis=-1)
-        return mx.take_along_axis(order, choice[:, None], axis=-1)[:, 0]
+        logits = logits / _column([p.temperature if p.temperature > 0 else 1.0 for p in params])
+        logits = _min_p(logits, params)
+        logits = _top_k_top_p(logits, params)
+        keys = self._row_keys(requests)
+        noise = mx.vmap(lambda key: mx.random.gumbel(logits.shape[1:], key=key))(keys)
+        return mx.argmax(logits + noise, axis=-1)
 
-    def _keys(self, requests: Sequence[SamplingRequest]) -> list[mx.array]:
-        """A seeded request's key depends only on (seed, tokens generated so far), so its
-        samples do not depend on what else shares the batch."""
+    def _row_keys(self, requests: Sequence[SamplingRequest]) -> mx.array:
+        """A ``[B, 2]`` key per row: a seeded request's depends only on (seed, tokens generated
+        so far), so it is reproducible whatever the batch; the rest come from our generator."""
         self._key, step_key = mx.random.split(self._key)
-        shared = mx.random.split(step_key, len(requests))
-        return [
-            mx.random.key((r.params.seed * 1_000_003 + r.num_output_tokens) % 2**63)
-            if r.params.seed is not None
-            else shared[i]
-            for i, r in enumerate(requests)
-        ]
+        keys = mx.random.split(step_key, len(requests))
+        seeded = [i for i, r in enumerate(requests) if r.params.seed is not None]
+        if seeded:
+            own = [
+                # SeedSequence hashes the pair into well-mixed key bits (negative seeds wrap).
+                np.random.SeedSequence((r.params.seed % 2**64, r.num_output_tokens)).generate_state(2)
+                for r in (requests[i] for i in seeded)
+            ]
+            keys[mx.array(seeded)] = mx.array(np.stack(own))
+        return keys
 
-    def _with_logprobs(self, raw: mx.array, tokens: list[int], params: list[SamplingParams]):
-        wanted = [p.logprobs for p in params]
-        if all(n is None for n in wanted):
-            return SamplerOutput(tokens, None, [None] * len(tokens))
-        # vLLM semantics: log-softmax of the model's own logits (before penalties/temperature).
-        logprobs = raw - mx.logsumexp(raw, axis=-1, keepdims=True)
-        chosen = mx.take_along_axis(logprobs, mx.array(tokens)[:, None], axis=-1)[:, 0].tolist()
-        n_max = max(n for n in wanted if n is not None)
-        top_ids = mx.argsort(-logprobs, axis=-1)[:, :n_max]
-        top_ids_list = top_ids.tolist()
-        top_lps = mx.take_along_axis(logprobs, top_ids, axis=-1).tolist()
-        top = [
-            None if n is None else list(zip(top_ids_list[i][:n], top_lps[i][:n]))
-            for i, n in enumerate(wanted)
-        ]
-        return SamplerOutput(tokens, chosen, top)
+
+def _min_p(logits: mx.array, params: list[SamplingParams]) -> mx.array:
+    """Drop tokens less likely than ``min_p`` times the most likely one."""
+    if all(p.min_p == 0 for p in params):
+        return logits
+    # p >= min_p * p_max  <=>  logit >= max_logit + log(min_p); log(0) = -inf keeps every token.
+    min_p = _column([p.min_p for p in params])
+    cutoff = logits.max(axis=-1, keepdims=True) + mx.log(min_p)
+    return mx.where(logits >= cutoff, logits, -mx.inf)
+
+
+def _top_k_top_p(logits: mx.array, params: list[SamplingParams]) -> mx.array:
+    """Keep each row's ``top_k`` best tokens, then the smallest prefix of those holding
+    ``top_p`` of their (renormalized) probability. Ties at the cut-off survive together."""
+    vocab = logits.shape[-1]
+    top_k = [min(p.top_k, vocab) if p.top_k > 0 else vocab for p in params]
+    truncated = [k < vocab or p.top_p < 1 for k, p in zip(top_k, params)]
+    if not any(truncated):
+        return logits
+    # No row keeps more than `width` tokens, so sorting the `width` best of each row is enough.
+    width = max(k for k, t in zip(top_k, truncated) if t)
+    best = mx.sort(mx.topk(logits, width, axis=-1), axis=-1)[:, ::-1]  # [B, width], descending
+    in_top_k = mx.arange(width)[None, :] < _column(top_k)
+    probs = mx.softmax(mx.where(in_top_k, best, -mx.inf), axis=-1)
+    top_p = _column([p.top_p for p in params])
+    # A token stays while the mass before it is short of top_p: the first one always stays.
+    in_top_p = (mx.cumsum(probs, axis=-1) - probs < top_p) | (top_p >= 1)
+    num_kept = (in_top_k & in_top_p).sum(axis=-1, keepdims=True)  # both masks are prefixes
+    cutoff = mx.take_along_axis(best, num_kept - 1, axis=-1)
+    cutoff = mx.where(_column(truncated), cutoff, -mx.inf)
+    return mx.where(logits >= cutoff, logits, -mx.inf)
+
+
+def _with_logprobs(raw: mx.array, tokens: list[int], params: list[SamplingParams]) -> SamplerOutput:
+    """vLLM semantics: logprobs are the log-softmax of the model's own logits, before
+    penalties and temperature; every row that asked gets its sampled token's and its top-n."""
+    wanted = [p.logprobs for p in params]
+    if all(n is None for n in wanted):
+        return SamplerOutput(tokens, None, [None] * len(tokens))
+    logprobs = raw - mx.logsumexp(raw, axis=-1, keepdims=True)
+    chosen = mx.take_along_axis(logprobs, mx.array(tokens)[:, None], axis=-1)[:, 0]
+    n_max = min(max(n for n in wanted if n is not None), raw.shape[-1])
+    top_ids = mx.zeros((len(tokens), 0), mx.int32)
+    if n_max > 0:  # partition out the n best, then sort only those
+        top_ids = mx.argpartition(-logprobs, kth=n_max - 1, axis=-1)[:, :n_max]
+        order = mx.argsort(-mx.take_along_axis(logprobs, top_ids, axis=-1), axis=-1)
+        top_ids = mx.take_along_axis(top_ids, order, axis=-1)
+    top_values = mx.take_along_axis(logprobs, top_ids, axis=-1)
+    ids, values = top_ids.tolist(), top_values.tolist()
+    top = [None if n is None else list(zip(ids[i][:n], values[i][:n])) for i, n in enumerate(wanted)]
+    return SamplerOutput(tokens, chosen.tolist(), top)
+
+
+def _occurrences(shape: tuple[int, ...], rows: list[int], tokens: list[list[int]]) -> mx.array:
+    """``counts[B, V]``: how often each token occurs in ``tokens[k]``, for batch row ``rows[k]``."""
+    row_ids = np.repeat(np.asarray(rows, np.int32), [len(t) for t in tokens])
+    token_ids = np.fromiter(chain.from_iterable(tokens), np.int32, count=len(row_ids))
+    return mx.zeros(shape).at[mx.array(row_ids), mx.array(token_ids)].add(1)
+
+
+def _column(values: list) -> mx.array:
+    """A per-row parameter as a ``[B, 1]`` array, to broadcast over the vocab."""
+    return mx.array(values)[:, None]
 
 
 def _has_penalty(p: SamplingParams) -> bool:

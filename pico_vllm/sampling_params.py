@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from numbers import Integral, Real
 
 
 @dataclass
@@ -52,34 +53,43 @@ class SamplingParams:
             isinstance(s, str) for s in self.stop
         ):
             raise ValueError(f"stop must be a str or a list of str, got {self.stop!r}")
-        self.stop = [s for s in self.stop]
+        self.stop = list(self.stop)
         if any(s == "" for s in self.stop):
             raise ValueError("stop strings must not be empty")
         if self.stop_token_ids is None:
             self.stop_token_ids = []
         if not isinstance(self.stop_token_ids, (list, tuple)) or not all(
-            isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.stop_token_ids
+            _is_int(t) and t >= 0 for t in self.stop_token_ids
         ):
             raise ValueError(
                 f"stop_token_ids must be a list of non-negative ints, got {self.stop_token_ids!r}"
             )
-        self.stop_token_ids = list(self.stop_token_ids)
+        self.stop_token_ids = [int(t) for t in self.stop_token_ids]
+        for name in _FLOAT_FIELDS:  # a string or None would otherwise fail with a TypeError
+            value = getattr(self, name)
+            _check(isinstance(value, Real) and not isinstance(value, bool), name, "a number", value)
         _check(self.temperature >= 0, "temperature", ">= 0", self.temperature)
         _check(0 < self.top_p <= 1, "top_p", "in (0, 1]", self.top_p)
-        _check(isinstance(self.top_k, int) and self.top_k >= 0, "top_k", ">= 0 (0 = off)", self.top_k)
+        _check(_is_int(self.top_k) and self.top_k >= 0, "top_k", ">= 0 (0 = off)", self.top_k)
         _check(0 <= self.min_p <= 1, "min_p", "in [0, 1]", self.min_p)
         _check(self.repetition_penalty > 0, "repetition_penalty", "> 0", self.repetition_penalty)
         _check(-2 <= self.presence_penalty <= 2, "presence_penalty", "in [-2, 2]",
                self.presence_penalty)
         _check(-2 <= self.frequency_penalty <= 2, "frequency_penalty", "in [-2, 2]",
                self.frequency_penalty)
-        _check(isinstance(self.max_tokens, int) and self.max_tokens >= 1, "max_tokens", ">= 1",
+        _check(_is_int(self.max_tokens) and self.max_tokens >= 1, "max_tokens", ">= 1",
                self.max_tokens)
-        _check(isinstance(self.min_tokens, int) and 0 <= self.min_tokens <= self.max_tokens,
+        _check(_is_int(self.min_tokens) and 0 <= self.min_tokens <= self.max_tokens,
                "min_tokens", "in [0, max_tokens]", self.min_tokens)
-        _check(self.seed is None or isinstance(self.seed, int), "seed", "an int or None", self.seed)
-        _check(self.logprobs is None or (isinstance(self.logprobs, int) and self.logprobs >= 0),
+        _check(self.seed is None or _is_int(self.seed), "seed", "an int or None", self.seed)
+        _check(self.logprobs is None or (_is_int(self.logprobs) and self.logprobs >= 0),
                "logprobs", "None or an int >= 0", self.logprobs)
+        # Plain Python numbers from here on, even when given numpy scalars.
+        for name in _FLOAT_FIELDS:
+            setattr(self, name, float(getattr(self, name)))
+        for name in ("top_k", "max_tokens", "min_tokens", "seed", "logprobs"):
+            if getattr(self, name) is not None:
+                setattr(self, name, int(getattr(self, name)))
 
     @property
     def greedy(self) -> bool:
@@ -90,3 +100,11 @@ class SamplingParams:
 def _check(ok: bool, name: str, expected: str, value: object) -> None:
     if not ok:
         raise ValueError(f"{name} must be {expected}, got {value!r}")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, Integral) and not isinstance(value, bool)  # True is an int in Python
+
+
+_FLOAT_FIELDS = ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty",
+                 "frequency_penalty")

@@ -1,10 +1,10 @@
-"""pico-vllm's Metal paged-attention kernel, behind one function the engine calls.
+"""pico-vllm's paged decode attention: the Metal kernel and its pure-MLX reference, behind one
+function, :func:`paged_attention`. This package depends on MLX only.
 
-``paged_attention_metal`` returns ``None`` whenever the kernel should not run — no Metal, a
-shape it does not cover, or a failed self-check — and the engine then uses the pure-MLX
-reference. On the first use on a Mac the kernel is checked against the reference on a small
-random case; a mismatch switches this process to the reference for good: wrong tokens are never
-an option.
+``paged_attention`` runs the kernel when it can — Metal is there, the shapes are covered, and
+the kernel passed its self-check — and the reference otherwise. On the first use on a Mac the
+kernel is checked against the reference on a small random case; a mismatch switches this process
+to the reference for good: wrong tokens are never an option.
 """
 
 from __future__ import annotations
@@ -14,6 +14,9 @@ import logging
 import mlx.core as mx
 
 from metal_kernels.kernel import paged_attention_kernel, unsupported_reason
+from metal_kernels.reference import paged_attention_reference
+
+__all__ = ["metal_available", "paged_attention", "paged_attention_metal", "paged_attention_reference"]
 
 logger = logging.getLogger("pico_vllm.metal")
 
@@ -22,8 +25,26 @@ _reported: set[str] = set()
 
 
 def metal_available() -> bool:
-    """True when MLX runs on an Apple GPU."""
+    """True when MLX computes on an Apple GPU (the one such test in the project)."""
     return mx.metal.is_available() and mx.default_device() == mx.gpu
+
+
+def paged_attention(
+    q: mx.array,
+    k_pool: mx.array,
+    v_pool: mx.array,
+    block_tables: mx.array,
+    context_lens: mx.array,
+    scale: float,
+) -> mx.array:
+    """Decode attention over the paged pool: the Metal kernel where it runs, else the reference.
+
+    Same contract as :func:`paged_attention_reference`.
+    """
+    out = paged_attention_metal(q, k_pool, v_pool, block_tables, context_lens, scale)
+    if out is not None:
+        return out
+    return paged_attention_reference(q, k_pool, v_pool, block_tables, context_lens, scale)
 
 
 def paged_attention_metal(
@@ -56,14 +77,12 @@ def self_check_passed() -> bool:
 
 
 def _run_self_check() -> bool:
-    from pico_vllm.layers.paged_attention import paged_attention_reference
-
     key = mx.random.key(0)
     k1, k2, k3 = mx.random.split(key, 3)
     num_blocks, block_size, head_dim = 48, 16, 64
     q = mx.random.normal((3, 8, head_dim), key=k1)
-    k_pool = mx.random.normal((num_blocks, 2, block_size, head_dim), key=k2)
-    v_pool = mx.random.normal((num_blocks, 2, block_size, head_dim), key=k3)
+    k_pool = mx.random.normal((2, num_blocks, block_size, head_dim), key=k2)
+    v_pool = mx.random.normal((2, num_blocks, block_size, head_dim), key=k3)
     tables = mx.array([list(range(i, 45, 3)) for i in range(3)], dtype=mx.int32)  # interleaved
     lengths = mx.array([1, 17, 700 % (15 * block_size)], dtype=mx.int32)
     try:

@@ -15,7 +15,7 @@ import mlx.core as mx
 
 from metal_kernels import metal_available
 from metal_kernels.kernel import paged_attention_kernel
-from pico_vllm.layers.paged_attention import paged_attention_reference
+from metal_kernels.reference import paged_attention_reference
 
 
 def timeit(fn, *args, repeats: int = 20) -> float:
@@ -50,8 +50,8 @@ def main(argv: list[str] | None = None) -> int:
         for context in (256, 1024, 4096):
             blocks = -(-context // bs)
             q = mx.random.normal((batch, hq, d)).astype(dtype)
-            k_pool = mx.random.normal((batch * blocks, hkv, bs, d)).astype(dtype)
-            v_pool = mx.random.normal((batch * blocks, hkv, bs, d)).astype(dtype)
+            k_pool = mx.random.normal((hkv, batch * blocks, bs, d)).astype(dtype)
+            v_pool = mx.random.normal((hkv, batch * blocks, bs, d)).astype(dtype)
             perm = mx.random.permutation(batch * blocks).astype(mx.int32)
             tables = perm.reshape(batch, blocks)
             lens = mx.full((batch,), context, dtype=mx.int32)

@@ -54,7 +54,7 @@ def num_simdgroups(group: int, head_dim: int) -> int:
 def unsupported_reason(q: mx.array, k_pool: mx.array) -> str | None:
     """Why the kernel cannot take these shapes, or None when it can."""
     _, num_q_heads, head_dim = q.shape
-    _, num_kv_heads, block_size, _ = k_pool.shape
+    num_kv_heads, _, block_size, _ = k_pool.shape
     if head_dim not in HEAD_DIMS:
         return f"head_dim {head_dim} (kernel supports {HEAD_DIMS})"
     if block_size not in BLOCK_SIZES:
@@ -72,7 +72,7 @@ def launch_config(
 ) -> dict:
     """Template, grid and output shapes of one launch (grid counts threads, as MLX wants)."""
     batch, num_q_heads, head_dim = q.shape
-    num_kv_heads, block_size = k_pool.shape[1], k_pool.shape[2]
+    num_kv_heads, block_size = k_pool.shape[0], k_pool.shape[2]
     group = num_q_heads // num_kv_heads
     max_tokens = block_tables.shape[1] * block_size
     parts = max(1, -(-max_tokens // partition_size))

@@ -8,8 +8,9 @@
 //
 // Memory layout
 //   q            [B, Hq, D]                 Hq = Hkv * G (GQA: query heads g*G .. g*G+G-1 share KV head g)
-//   k_pool/v_pool [num_blocks, Hkv, BS, D]  token t of sequence b lives in block
+//   k_pool/v_pool [Hkv, num_blocks, BS, D]  token t of sequence b lives in block
 //                                           block_tables[b, t / BS] at offset t % BS
+//                                           (head-major: see metal_kernels/reference.py)
 //   o_part       [B, Hq, P, D]  float32     per-partition output, already divided by its own sum
 //   ml_part      [B, Hq, P, 2]  float32     per-partition (max score m, sum of exp l)
 //
@@ -45,6 +46,7 @@ const int num_parts = threadgroups_per_grid.x;
 const int num_kv_heads = threadgroups_per_grid.y;
 const int num_q_heads = num_kv_heads * G;
 const int max_blocks = block_tables_shape[1];
+const int num_blocks = k_pool_shape[1];
 const int context_len = context_lens[b];
 const int t_begin = part * PART;
 const int t_end = metal::min(context_len, t_begin + PART);
@@ -68,7 +70,7 @@ for (int g = 0; g < G; g++) {
 
 for (int t = t_begin + (int)sg; t < t_end; t += NSG) {
   const int block = block_tables[b * max_blocks + t / BS];
-  const size_t base = (((size_t)block * num_kv_heads + kv_head) * BS + t % BS) * D + d0;
+  const size_t base = (((size_t)kv_head * num_blocks + block) * BS + t % BS) * D + d0;
   float k_reg[EPT];
   float v_reg[EPT];
   for (int i = 0; i < EPT; i++) {

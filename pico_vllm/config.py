@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
+from metal_kernels import metal_available
+
 # On the CPU backend there is no unified-memory budget to read, so the pool gets a fixed size.
 CPU_KV_CACHE_BYTES = 512 * 1024**2
 
@@ -28,7 +30,10 @@ class EngineConfig:
         max_num_batched_tokens: token budget of one step (decode tokens + prefill chunks).
         max_model_len: longest prompt + output; ``None`` takes the model's own limit.
         enable_prefix_caching: reuse KV blocks of identical prompt prefixes.
-        enforce_eager: never capture decode steps with ``mx.compile``.
+        enforce_eager: run every step eagerly; otherwise decode-only steps run through graphs
+            captured with ``mx.compile``, one per (batch, block-table width) bucket.
+        capture_graphs: ``"lazy"`` traces a bucket's graph on its first step; ``"eager"``
+            traces all of them when the engine starts (as vLLM captures CUDA graphs).
         seed: seed of the global RNG used by requests that give no seed of their own.
     """
 
@@ -42,6 +47,7 @@ class EngineConfig:
     max_model_len: int | None = None
     enable_prefix_caching: bool = True
     enforce_eager: bool = False
+    capture_graphs: str = "lazy"
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -55,6 +61,8 @@ class EngineConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
+        if self.capture_graphs not in ("lazy", "eager"):
+            raise ValueError(f"capture_graphs must be 'lazy' or 'eager', got {self.capture_graphs!r}")
         if self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
         if self.max_num_batched_tokens < 1:
@@ -62,20 +70,9 @@ class EngineConfig:
                 f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}"
             )
 
-    def compute_dtype(self, checkpoint_dtype: mx.Dtype) -> mx.Dtype:
-        """The dtype activations, weights and the KV pool use on this device."""
-        return resolve_dtype(self.dtype, checkpoint_dtype)
-
 
 def resolve_dtype(dtype: str, checkpoint_dtype: mx.Dtype) -> mx.Dtype:
     """``"auto"`` -> float32 on the CPU, the checkpoint's dtype on Metal; else the named dtype."""
     if dtype != "auto":
         return getattr(mx, dtype)
-    if not on_metal():
-        return mx.float32
-    return checkpoint_dtype
-
-
-def on_metal() -> bool:
-    """True when MLX computes on an Apple GPU."""
-    return mx.default_device() == mx.gpu and mx.metal.is_available()
+    return checkpoint_dtype if metal_available() else mx.float32

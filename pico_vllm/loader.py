@@ -7,6 +7,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.utils import load_tokenizer
@@ -25,6 +26,8 @@ class LoadedModel:
     eos_token_ids: set[int]
     max_model_len: int
     name: str
+    dtype: mx.Dtype  # the compute dtype: activations and the KV pool
+
 
 
 def load(model: str | None = None, dtype: str = "auto") -> LoadedModel:
@@ -53,7 +56,9 @@ def _loaded(
         ids = source.get("eos_token_id")
         eos.update([ids] if isinstance(ids, int) else ids or [])
     max_len = config.get("max_position_embeddings") or DEFAULT_MAX_MODEL_LEN
-    return LoadedModel(net, tokenizer, config, eos, int(max_len), name)
+    # prepare_for_device cast every float parameter to the compute dtype; norms are never quantized.
+    dtype = net.model.norm.weight.dtype
+    return LoadedModel(net, tokenizer, config, eos, int(max_len), name, dtype)
 
 
 def _generation_config(folder: Path | None) -> dict:

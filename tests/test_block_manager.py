@@ -134,3 +134,19 @@ def test_double_free_is_detected():
     s.block_table = table
     with pytest.raises(AssertionError, match="double free"):
         m.free(s)
+
+
+def test_reset_prefix_cache_forgets_unused_blocks_and_keeps_used_ones():
+    m = BlockManager(num_blocks=6, block_size=BS)
+    done = computed(m, seq(list(range(8)), "done"))  # 2 cached blocks
+    m.free(done)
+    live = computed(m, seq(list(range(50, 58)), "live"))  # 2 cached blocks, still in use
+    m.reset_prefix_cache()
+    m.check_invariants()
+    assert m.num_free_blocks == 4
+    again = seq(list(range(9)), "again")
+    m.share_cached_prefix(again)
+    assert again.num_cached_tokens == 0  # the finished prompt's blocks were forgotten
+    twin = seq(list(range(50, 59)), "twin")
+    m.share_cached_prefix(twin)
+    assert twin.num_cached_tokens == 8 and twin.block_table == live.block_table

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 from mlx_lm.generate import generate_step
 from mlx_lm.utils import load as mlx_lm_load
-from model_factory import make_random_model
 
 from pico_vllm import EngineConfig, LLMEngine, SamplingParams
 
@@ -85,13 +84,10 @@ ARCHS = [
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory) -> dict[tuple[str, int], Path]:
-    root = tmp_path_factory.mktemp("parity_models")
+def models(random_model) -> dict[tuple[str, int], Path]:
     return {
         # llama-16 ties its embeddings; the others have an lm_head of their own.
-        (arch, hd): make_random_model(
-            root / f"{arch}-{hd}", arch, head_dim=hd, seed=hd, tie_word_embeddings=hd == 16
-        )
+        (arch, hd): random_model(arch, head_dim=hd, seed=hd, tie_word_embeddings=hd == 16)
         for arch, hd in ARCHS
     }
 
@@ -104,12 +100,24 @@ def oracles(models) -> dict[tuple[str, int], Oracle]:
 LENGTHS = [1, 7, 16, 17, 33, 64, 129, 200]  # 8 concurrent prompts across block boundaries
 
 
+def run_compiled_and_eager(model_dir: Path, prompts_seed: int, **overrides) -> tuple[LLMEngine, list]:
+    """Greedy outputs of the compiled engine, checked equal to the eager engine's token for token."""
+    outputs, engines = [], []
+    for eager in (False, True):
+        engine = LLMEngine(EngineConfig(model=str(model_dir), enforce_eager=eager, **overrides))
+        prompts = prompts_for(engine.vocab_size, LENGTHS, seed=prompts_seed)
+        outputs.append(run_greedy(engine, prompts))
+        engines.append(engine)
+    assert engines[0].runner.graphs.captures > 0 and engines[1].runner.graphs is None
+    assert outputs[0] == outputs[1], "captured decode graphs diverged from the eager engine"
+    return engines[0], list(zip(prompts, outputs[0]))
+
+
 @pytest.mark.parametrize("arch,head_dim", ARCHS)
 def test_batched_greedy_matches_mlx_lm(models, oracles, arch, head_dim):
     key = (arch, head_dim)
-    engine = LLMEngine(EngineConfig(model=str(models[key]), num_blocks=256))
-    prompts = prompts_for(engine.vocab_size, LENGTHS, seed=head_dim)
-    for prompt, ours in zip(prompts, run_greedy(engine, prompts)):
+    _, results = run_compiled_and_eager(models[key], head_dim, num_blocks=256)
+    for prompt, ours in results:
         assert_matches(ours, prompt, oracles[key])
 
 
@@ -125,9 +133,8 @@ def test_batched_greedy_matches_mlx_lm(models, oracles, arch, head_dim):
 )
 def test_scheduling_regimes_stay_token_exact(models, oracles, name, overrides):
     key = ("llama", 64)
-    engine = LLMEngine(EngineConfig(model=str(models[key]), **overrides))
-    prompts = prompts_for(engine.vocab_size, LENGTHS, seed=1)
-    for prompt, ours in zip(prompts, run_greedy(engine, prompts)):
+    engine, results = run_compiled_and_eager(models[key], 1, **overrides)
+    for prompt, ours in results:
         assert_matches(ours, prompt, oracles[key])
     if name == "preemption":
         assert engine.stats.preemptions > 0, "the pool was meant to be too small for 8 sequences"
@@ -168,6 +175,7 @@ def test_quantized_checkpoint_runs_dequantized_on_cpu_and_matches(tmp_path):
     import shutil
 
     from mlx_lm.utils import load_model, quantize_model, save_config, save_model
+    from model_factory import make_random_model
 
     source = make_random_model(tmp_path / "fp32", "qwen2", head_dim=64, seed=11)
     model, config = load_model(source)

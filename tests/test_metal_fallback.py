@@ -9,13 +9,12 @@ import mlx.core as mx
 import pytest
 
 import metal_kernels
-from metal_kernels import paged_attention_metal
-from pico_vllm.layers.paged_attention import paged_attention, paged_attention_reference
+from metal_kernels import paged_attention, paged_attention_metal, paged_attention_reference
 
 
 def inputs(head_dim=64, block_size=16, dtype=mx.float32):
     q = mx.random.normal((2, 4, head_dim)).astype(dtype)
-    pool = mx.random.normal((8, 2, block_size, head_dim)).astype(dtype)
+    pool = mx.random.normal((2, 8, block_size, head_dim)).astype(dtype)
     tables = mx.array([[0, 1, 2], [5, 4, 0]], dtype=mx.int32)
     return q, pool, pool * 0.5, tables, mx.array([40, 20], dtype=mx.int32), head_dim**-0.5
 
@@ -93,3 +92,12 @@ def test_unsupported_shapes_fall_back_with_one_debug_line(fake_metal, caplog, kw
         assert paged_attention_metal(*args) is None
     assert caplog.text.count(reason) == 1
     assert not calls
+
+
+def test_metal_kernels_is_a_leaf_that_never_imports_the_engine():
+    import subprocess
+    import sys
+
+    code = "import sys, metal_kernels; print(sorted(m for m in sys.modules if m.startswith('pico_vllm')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

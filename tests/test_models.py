@@ -21,9 +21,8 @@ def metadata(positions: list[int], table: list[int], decode: bool) -> AttentionM
     context = positions[-1] + 1
     tables = mx.array(np.array(table[: -(-context // BS)], np.int32))
     return AttentionMetadata(
-        slot_blocks=mx.array(blocks[:, None].astype(np.int32)),
-        slot_offsets=mx.array((pos % BS)[:, None].astype(np.int32)),
-        num_decode_tokens=1 if decode else 0,
+        slot_blocks=mx.array(blocks.astype(np.int32)),
+        slot_offsets=mx.array((pos % BS).astype(np.int32)),
         block_tables=tables[None] if decode else mx.zeros((0, 1), mx.int32),
         context_lens=mx.array([context], mx.int32) if decode else mx.zeros((0,), mx.int32),
         prefills=() if decode else (PrefillChunk(0, len(positions), context, tables),),
@@ -39,7 +38,7 @@ def test_prefill_chunks_and_decode_match_mlx_lm_logits(tmp_path, arch, head_dim,
     prompt = np.random.default_rng(0).integers(3, 512, size=21).tolist()
     expected = theirs(mx.array(prompt)[None], cache=(cache := make_prompt_cache(theirs)))[0]
 
-    pool = KVCache(ours.num_layers, 16, ours.num_kv_heads, BS, ours.head_dim, mx.float32)
+    pool = KVCache(ours.kv_spec, 16, BS, mx.float32)
     table = [9, 2, 14, 5]  # scattered blocks
     got = []
     for start, end in [(0, 13), (13, 20)]:  # a prompt in two chunks...

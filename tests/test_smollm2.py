@@ -13,6 +13,8 @@ from mlx_lm.utils import dequantize_model
 from pico_vllm import LLM, SamplingParams
 from pico_vllm.gguf import embedded_model_path, load_gguf
 
+pytestmark = pytest.mark.slow  # loads the embedded model and mlx-lm's twin
+
 MAX_TOKENS = 32
 
 

@@ -110,6 +110,14 @@ class BlockManager:
             # If another sequence computed the same prefix first, its block stays the cached one.
             self._cached.setdefault(block.hash, block.block_id)
 
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached block that no sequence uses (vLLM's ``reset_prefix_cache``): they
+        become free, so later prompts are computed from scratch (benchmarks, tests)."""
+        while self._evictable:
+            block_id, _ = self._evictable.popitem(last=False)
+            self._uncache(block_id)
+            self._free.append(block_id)
+
     def check_invariants(self) -> None:
         """Every block is in exactly one state and the cache index agrees with the blocks."""
         free, evictable = set(self._free), set(self._evictable)
@@ -131,11 +139,14 @@ class BlockManager:
             block_id = self._free.popleft()
         else:  # recycle the least recently used cached block
             block_id, _ = self._evictable.popitem(last=False)
-            block = self.blocks[block_id]
-            del self._cached[block.hash]
-            block.hash = block.token_ids = None
+            self._uncache(block_id)
         self.blocks[block_id].ref_count = 1
         return block_id
+
+    def _uncache(self, block_id: int) -> None:
+        block = self.blocks[block_id]
+        del self._cached[block.hash]
+        block.hash = block.token_ids = None
 
     def _acquire(self, block_id: int) -> None:
         self._evictable.pop(block_id, None)

@@ -3,7 +3,7 @@
 A request's path: ``add_request`` tokenizes and validates it and queues a ``Sequence``;
 each ``step`` asks the scheduler which tokens to compute, lets the model runner compute them
 and sample, then appends the new tokens, detokenizes, checks stop conditions and frees the
-blocks of finished sequences. The server, ``LLM.generate`` and the CLI all drive this loop.
+blocks of finished sequences. ``LLM.generate``, the CLI and the benchmark all drive this loop.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 
 from pico_vllm.config import EngineConfig
 from pico_vllm.engine.detokenizer import IncrementalDetokenizer
-from pico_vllm.engine.model_runner import ModelRunner, resolve_num_blocks
+from pico_vllm.engine.model_runner import ModelRunner
 from pico_vllm.engine.scheduler import Scheduler
 from pico_vllm.engine.sequence import Sequence
 from pico_vllm.layers.sampler import Sampler
@@ -56,15 +56,15 @@ class LLMEngine:
         self.model, self.tokenizer = loaded.model, loaded.tokenizer
         self.eos_token_ids = set(loaded.eos_token_ids)
         self.vocab_size = loaded.config["vocab_size"]
-        dtype = self.model.model.norm.weight.dtype  # norms are never quantized: the compute dtype
-        self.config = replace(
-            config,
-            num_blocks=resolve_num_blocks(config, self.model, dtype),
-            max_model_len=min(config.max_model_len or loaded.max_model_len, loaded.max_model_len),
-        )
+        max_model_len = min(config.max_model_len or loaded.max_model_len, loaded.max_model_len)
+        sampler = Sampler(self.eos_token_ids, seed=config.seed)
+        self.runner = ModelRunner(self.model, config, sampler, loaded.dtype, max_model_len)
+        self.config = replace(config, num_blocks=self.runner.num_blocks, max_model_len=max_model_len)
         self.scheduler = Scheduler(self.config)
-        sampler = Sampler(self.eos_token_ids, seed=self.config.seed)
-        self.runner = ModelRunner(self.model, self.config, sampler, dtype)
+        if config.capture_graphs == "eager" and self.runner.graphs is not None:
+            from tqdm import tqdm
+
+            self.runner.capture_all(lambda buckets: tqdm(buckets, desc="capturing decode graphs"))
         self.stats = EngineStats()
         self._requests: dict[str, _Request] = {}
         self._ids = itertools.count()
@@ -107,21 +107,21 @@ class LLMEngine:
         self.stats.preemptions += len(out.preempted)
         if out.is_empty:
             return []
-        result = self.runner.execute(out)
-        self.scheduler.update(out, result.sampled)
+        samples = self.runner.execute(out).resolve()
+        self.scheduler.update(out, samples)
         self.stats.steps += 1
 
         outputs = []
-        for i, (seq, _) in enumerate(out.scheduled):
-            token = result.sampled[i]
-            if token is None:
+        for seq, _ in out.scheduled:
+            sample = samples.get(seq)
+            if sample is None:
                 continue
             request = self._requests[seq.request_id]
             self.stats.generated_tokens += 1
             if seq.params.logprobs is not None:
-                request.logprobs.append(result.logprobs[i])
-                request.top_logprobs.append(result.top_logprobs[i] or [])
-            reason = self._finish_reason(request, token)
+                request.logprobs.append(sample.logprob)
+                request.top_logprobs.append(sample.top_logprobs or [])
+            reason = self._finish_reason(request, sample.token_id)
             if reason is not None:
                 self.scheduler.finish(seq, reason)
                 self.stats.cached_prompt_tokens += seq.num_cached_tokens

@@ -5,6 +5,11 @@ The runner lays them out as one flat batch of ``T`` tokens — single-token quer
 first, then multi-token prefill chunks — with, per token, its id, its position and the pool slot
 its K/V goes to, and per sequence its block table and context length. One forward pass later,
 the last position of every sequence whose known tokens are now all computed is sampled.
+
+Decode-only steps run through captured graphs (``decode_graphs.py``), padded to a bucket; steps
+with prefill chunks run eagerly: their shapes (chunk lengths, how many chunks) vary too much for
+a bounded set of graphs to pay off, and they are dominated by large matmuls that compiling
+cannot make faster.
 """
 
 from __future__ import annotations
@@ -15,28 +20,46 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from pico_vllm.config import CPU_KV_CACHE_BYTES, EngineConfig, on_metal
+from metal_kernels import metal_available
+from pico_vllm.config import CPU_KV_CACHE_BYTES, EngineConfig
+from pico_vllm.engine.decode_graphs import DecodeGraphs
 from pico_vllm.engine.scheduler import SchedulerOutput
 from pico_vllm.engine.sequence import Sequence
-from pico_vllm.layers.attention import AttentionMetadata, KVCache, PrefillChunk
-from pico_vllm.layers.sampler import Sampler, SamplerOutput
+from pico_vllm.layers.attention import AttentionMetadata, KVCache, KVSpec, PrefillChunk
+from pico_vllm.layers.sampler import PendingSamples, Sampler
 
 # Fraction of the free Metal working set the KV pool may take (the rest: activations, MLX cache).
 METAL_KV_FRACTION = 0.8
 
 
 @dataclass
-class StepResult:
-    """What a step produced, aligned with ``SchedulerOutput.scheduled``."""
+class Sample:
+    """A sequence's new token, with its logprobs when the request asked."""
 
-    sampled: list[int | None]  # the new token of each sequence that sampled, else None
-    logprobs: list[float | None]
-    top_logprobs: list[list[tuple[int, float]] | None]
+    token_id: int
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] | None = None
 
 
-def kv_bytes_per_block(model: nn.Module, block_size: int, dtype: mx.Dtype) -> int:
-    """Bytes one block takes across all layers, keys and values."""
-    return 2 * model.num_layers * model.num_kv_heads * block_size * model.head_dim * dtype.size
+class PendingStep:
+    """A step whose computation is queued but not yet read back. ``resolve`` is the step's one
+    host sync: it evaluates the pool writes and the samples, and returns each sampling
+    sequence's :class:`Sample`."""
+
+    def __init__(self, seqs: list[Sequence], samples: PendingSamples | None, state: list[mx.array]):
+        self._seqs, self._samples, self._state = seqs, samples, state
+
+    def resolve(self) -> dict[Sequence, Sample]:
+        if self._samples is None:
+            mx.eval(self._state)  # a step of only mid-prompt chunks still fills the pool
+            return {}
+        mx.eval(self._samples, self._state)
+        out = self._samples.resolve()
+        logprobs = out.logprobs or [None] * len(self._seqs)
+        return {
+            seq: Sample(token, logprob, top)
+            for seq, token, logprob, top in zip(self._seqs, out.token_ids, logprobs, out.top_logprobs)
+        }
 
 
 def resolve_num_blocks(config: EngineConfig, model: nn.Module, dtype: mx.Dtype) -> int:
@@ -44,65 +67,103 @@ def resolve_num_blocks(config: EngineConfig, model: nn.Module, dtype: mx.Dtype) 
     if config.num_blocks is not None:
         return config.num_blocks
     budget = config.kv_cache_bytes
-    if budget is None and on_metal():
+    if budget is None and metal_available():
         info = mx.device_info() if hasattr(mx, "device_info") else mx.metal.device_info()
         weights = sum(p.nbytes for _, p in nn.utils.tree_flatten(model.parameters()))
         budget = int((info["max_recommended_working_set_size"] - weights) * METAL_KV_FRACTION)
     if budget is None:
         budget = CPU_KV_CACHE_BYTES
-    num_blocks = budget // kv_bytes_per_block(model, config.block_size, dtype)
+    num_blocks = budget // model.kv_spec.bytes_per_block(config.block_size, dtype)
     if num_blocks < 1:
         raise ValueError(f"KV memory budget of {budget} bytes holds no block of this model")
     return num_blocks
 
 
 class ModelRunner:
-    """Owns the model, the KV pool and the sampler; ``execute`` runs one scheduled step."""
+    """Owns the model, the KV pool (its size and dtype) and the sampler; ``execute`` runs one
+    scheduled step."""
 
-    def __init__(self, model: nn.Module, config: EngineConfig, sampler: Sampler, dtype: mx.Dtype):
-        assert config.num_blocks is not None, "resolve num_blocks before building the runner"
+    def __init__(
+        self, model: nn.Module, config: EngineConfig, sampler: Sampler, dtype: mx.Dtype,
+        max_model_len: int,
+    ) -> None:
         self.model = model
         self.sampler = sampler
         self.block_size = config.block_size
-        self.cache = KVCache(
-            model.num_layers, config.num_blocks, model.num_kv_heads, config.block_size,
-            model.head_dim, dtype,
-        )
+        self.num_blocks = resolve_num_blocks(config, model, dtype)
+        spec: KVSpec = model.kv_spec
+        self.cache = KVCache(spec, self.num_blocks, config.block_size, dtype)
+        max_blocks = min(-(-max_model_len // config.block_size), self.num_blocks)
+        self.graphs = None
+        if not config.enforce_eager:
+            self.graphs = DecodeGraphs(
+                self._decode_step, self.cache.state, config.max_num_seqs, max_blocks
+            )
 
-    def execute(self, out: SchedulerOutput) -> StepResult:
-        """Run one step: write the new tokens' K/V into the pool and sample where due."""
-        order = sorted(range(len(out.scheduled)), key=lambda i: out.scheduled[i][1] > 1)
-        batch = [out.scheduled[i] for i in order]
-        input_ids, positions, meta = self.prepare(batch)
-
+    def execute(self, out: SchedulerOutput) -> PendingStep:
+        """Queue one step: write the new tokens' K/V into the pool and sample where due."""
+        batch = sorted(out.scheduled, key=lambda item: item[1] > 1)  # stable: decodes first
         # A sequence samples once every token it knows has its K/V computed.
-        sample_at, last_rows = [], []  # positions in `batch`, and their last token's row
-        row = 0
-        for position, (seq, n) in enumerate(batch):
-            row += n
-            if seq.num_computed_tokens + n == seq.num_tokens:
-                sample_at.append(position)
-                last_rows.append(row - 1)
+        rows = [i for i, (seq, n) in enumerate(batch) if seq.num_computed_tokens + n == seq.num_tokens]
+        seqs = [batch[i][0] for i in rows]
+        if all(n == 1 for _, n in batch):
+            logits, argmax = self._run_decode(batch)
+        else:
+            input_ids, positions, meta = self.prepare(batch)
+            hidden = self.model(input_ids, positions, self.cache, meta)
+            last_row = np.cumsum([n for _, n in batch]) - 1
+            logits = self.model.compute_logits(hidden[mx.array(last_row)]).astype(mx.float32)
+            argmax = None
+        if not rows:
+            return PendingStep([], None, self.cache.state)
+        index = mx.array(rows)
+        if argmax is not None and self.sampler.is_plain_argmax(seqs):
+            samples = PendingSamples(argmax[index], [None] * len(seqs))
+        else:
+            samples = self.sampler.sample(logits[index], seqs)
+        return PendingStep(seqs, samples, self.cache.state)
 
+    def capture_all(self, progress=None) -> int:
+        """Trace every decode bucket now (vLLM-style start-up capture); returns how many."""
+        buckets = self.graphs.all_buckets() if self.graphs else []
+        for batch, width in progress(buckets) if progress else buckets:
+            arrays = self._decode_arrays([], batch, width)
+            mx.eval(self.graphs(*arrays), self.cache.state)  # all padding: only scratch is written
+        return len(buckets)
+
+    def _run_decode(self, batch: list[tuple[Sequence, int]]) -> tuple[mx.array, mx.array]:
+        """A decode-only step: through its captured graph, or eagerly without padding."""
+        width = max(-(-(seq.num_computed_tokens + 1) // self.block_size) for seq, _ in batch)
+        if self.graphs is None:
+            return self._decode_step(*self._decode_arrays(batch, len(batch), width))
+        padded_batch, padded_width = self.graphs.bucket(len(batch), width)
+        logits, argmax = self.graphs(*self._decode_arrays(batch, padded_batch, padded_width))
+        return logits[: len(batch)], argmax[: len(batch)]
+
+    def _decode_step(self, input_ids, positions, slot_blocks, slot_offsets, block_tables, context_lens):
+        """One decode token per row -> ``(logits[B, V], argmax[B])``; what the graphs capture."""
+        meta = AttentionMetadata(slot_blocks, slot_offsets, block_tables, context_lens)
         hidden = self.model(input_ids, positions, self.cache, meta)
-        result = StepResult([None] * len(batch), [None] * len(batch), [None] * len(batch))
-        if not sample_at:
-            mx.eval(self.cache.state)  # a step of only mid-prompt chunks still fills the pool
-            return result
-        logits = self.model.compute_logits(hidden[mx.array(last_rows)]).astype(mx.float32)
-        sampled: SamplerOutput = self.sampler(logits, [batch[p][0] for p in sample_at])
-        mx.eval(self.cache.state)
+        logits = self.model.compute_logits(hidden).astype(mx.float32)
+        return logits, mx.argmax(logits, axis=-1)
 
-        for k, position in enumerate(sample_at):  # back to the scheduler's order
-            i = order[position]
-            result.sampled[i] = sampled.token_ids[k]
-            if sampled.logprobs is not None:
-                result.logprobs[i] = sampled.logprobs[k]
-            result.top_logprobs[i] = sampled.top_logprobs[k]
-        return result
+    def _decode_arrays(self, batch: list[tuple[Sequence, int]], rows: int, width: int) -> list[mx.array]:
+        """The decode step's arrays, padded to ``rows`` x ``width`` with harmless rows: token 0 at
+        position 0, written to the scratch block, over a context of length 0."""
+        scratch = self.cache.scratch_block
+        ids, positions = np.zeros(rows, np.int32), np.zeros(rows, np.int32)
+        slot_blocks, slot_offsets = np.full(rows, scratch, np.int32), np.zeros(rows, np.int32)
+        tables, lengths = np.full((rows, width), scratch, np.int32), np.zeros(rows, np.int32)
+        for row, (seq, _) in enumerate(batch):
+            position = seq.num_computed_tokens
+            table = seq.block_table[: position // self.block_size + 1]
+            ids[row], positions[row], lengths[row] = seq.token_ids[position], position, position + 1
+            slot_blocks[row], slot_offsets[row] = table[-1], position % self.block_size
+            tables[row, : len(table)] = table
+        return [mx.array(a) for a in (ids, positions, slot_blocks, slot_offsets, tables, lengths)]
 
     def prepare(self, batch: list[tuple[Sequence, int]]) -> tuple[mx.array, mx.array, AttentionMetadata]:
-        """Flat ``input_ids[T]``, ``positions[T]`` and the attention metadata of a step.
+        """Flat ``input_ids[T]``, ``positions[T]`` and the attention metadata of a mixed step.
 
         ``batch`` must list single-token queries before multi-token chunks.
         """
@@ -123,21 +184,19 @@ class ModelRunner:
                 decode_tables.append(table[:num_blocks])
                 decode_lens.append(context_len)
             else:
-                prefills.append(
-                    PrefillChunk(start, n, context_len, mx.array(table[:num_blocks]))
-                )
+                prefills.append(PrefillChunk(start, n, context_len, mx.array(table[:num_blocks])))
             start += n
 
         max_blocks = max((len(t) for t in decode_tables), default=1)
-        block_tables = np.zeros((len(decode_tables), max_blocks), dtype=np.int32)
+        block_tables = np.full((len(decode_tables), max_blocks), self.cache.scratch_block, np.int32)
         for row, table in enumerate(decode_tables):
             block_tables[row, : len(table)] = table
+        positions = np.concatenate(pos)
         meta = AttentionMetadata(
-            slot_blocks=mx.array(np.concatenate(slot_blocks)[:, None]),
-            slot_offsets=mx.array(np.concatenate(pos)[:, None] % bs),
-            num_decode_tokens=len(decode_tables),
+            slot_blocks=mx.array(np.concatenate(slot_blocks)),
+            slot_offsets=mx.array(positions % bs),
             block_tables=mx.array(block_tables),
             context_lens=mx.array(np.asarray(decode_lens, dtype=np.int32)),
             prefills=tuple(prefills),
         )
-        return mx.array(np.concatenate(ids)), mx.array(np.concatenate(pos)), meta
+        return mx.array(np.concatenate(ids)), mx.array(positions), meta

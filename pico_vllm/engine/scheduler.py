@@ -12,11 +12,16 @@ recomputed later — usually cheaply, since its full blocks survive in the prefi
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from pico_vllm.config import EngineConfig
 from pico_vllm.engine.block_manager import BlockManager
 from pico_vllm.engine.sequence import Sequence, SequenceStatus
+
+if TYPE_CHECKING:  # the runner imports this module; only the type goes the other way
+    from pico_vllm.engine.model_runner import Sample
 
 
 @dataclass
@@ -112,14 +117,14 @@ class Scheduler:
             budget -= n
         return out
 
-    def update(self, out: SchedulerOutput, sampled: list[int | None]) -> None:
+    def update(self, out: SchedulerOutput, samples: Mapping[Sequence, Sample]) -> None:
         """Record a finished step: computed tokens advance, full blocks enter the prefix cache,
         and sequences that sampled get their new token."""
-        for (seq, n), token in zip(out.scheduled, sampled, strict=True):
+        for seq, n in out.scheduled:
             seq.num_computed_tokens += n
             self.block_manager.cache_full_blocks(seq)
-            if token is not None:
-                seq.append_token(token)
+            if seq in samples:
+                seq.append_token(samples[seq].token_id)
 
     def finish(self, seq: Sequence, reason: str) -> None:
         """Retire ``seq``; its blocks are freed (full cached ones stay reusable)."""

@@ -4,22 +4,22 @@ One engine step runs one flat batch of ``T`` tokens from many sequences: first t
 tokens (one query token per sequence), then the *prefill chunks* (several prompt tokens of one
 sequence). Every layer first writes the step's new K/V into the pool **in place**, then
 
-- decode tokens attend through :func:`paged_attention` (the Metal kernel on a Mac), and
+- decode tokens attend through :func:`metal_kernels.paged_attention` (the Metal kernel on a Mac,
+  the pure-MLX reference elsewhere), and
 - each prefill chunk gathers its sequence's blocks (cached prefix + the chunk just written)
   and runs causal ``scaled_dot_product_attention``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import mlx.core as mx
 
-from pico_vllm.layers.paged_attention import paged_attention
+from metal_kernels import paged_attention
 
 
-@dataclass(frozen=True)
-class PrefillChunk:
+class PrefillChunk(NamedTuple):
     """One multi-token chunk of a sequence in the flat batch."""
 
     query_start: int  # index of the chunk's first token in the flat batch
@@ -28,53 +28,68 @@ class PrefillChunk:
     block_table: mx.array  # [ceil(context_len / block_size)] int32
 
 
-@dataclass(frozen=True)
-class AttentionMetadata:
+class AttentionMetadata(NamedTuple):
     """Where the step's tokens go in the pool and what each of them attends to.
 
-    The first ``num_decode_tokens`` tokens are single-token queries (decode steps, or a
+    The first ``B = block_tables.shape[0]`` tokens are single-token queries (decode steps, or a
     prefill chunk of one token), one per sequence, in the rows of ``block_tables`` /
-    ``context_lens``; the rest are the ``prefills``, in order.
+    ``context_lens``; the rest are the ``prefills``, in order. A tuple of arrays (and, for mixed
+    steps, chunk records), so a decode step's metadata can cross into ``mx.compile``.
     """
 
-    # Each new token's pool slot, as (block, offset) columns [T, 1]: token i's K/V goes to
-    # pool[slot_blocks[i], :, slot_offsets[i]]. (vLLM's slot_mapping = block * block_size + offset;
-    # split once per step here, so no layer has to.)
+    # Each new token's pool slot, as (block, offset) arrays [T]: token i's K/V goes to
+    # pool[:, slot_blocks[i], slot_offsets[i]]. (vLLM's slot_mapping = block * block_size +
+    # offset; split once per step here, so no layer has to.)
     slot_blocks: mx.array
     slot_offsets: mx.array
-    num_decode_tokens: int
-    block_tables: mx.array  # [num_decode_tokens, max_blocks] int32, padded with 0
-    context_lens: mx.array  # [num_decode_tokens] int32, the query token included
+    block_tables: mx.array  # [B, max_blocks] int32; padding entries are never read past a context
+    context_lens: mx.array  # [B] int32, the query token included; 0 marks a padding row
     prefills: tuple[PrefillChunk, ...] = ()
+
+    @property
+    def num_decode_tokens(self) -> int:
+        return self.block_tables.shape[0]
+
+
+class KVSpec(NamedTuple):
+    """What the KV pool must hold for a model (per rank, once tensor parallelism shards heads)."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+
+    def bytes_per_block(self, block_size: int, dtype: mx.Dtype) -> int:
+        """Bytes one block takes across all layers, keys and values."""
+        return 2 * self.num_layers * self.num_kv_heads * block_size * self.head_dim * dtype.size
 
 
 class KVCache:
-    """The paged KV pool: per layer, ``k`` and ``v`` of shape ``[num_blocks, Hkv, block_size, D]``.
+    """The paged KV pool: per layer, keys and values of shape ``[Hkv, num_blocks + 1, BS, D]``.
 
-    The arrays are replaced (never copied) on every write: ``pool[idx] = kv`` makes MLX donate
-    the old buffer to the scatter, so a step costs O(tokens written), not O(pool).
+    Head-major, so a gather of a sequence's blocks is already its dense per-head context (see
+    ``metal_kernels/reference.py``). The extra last block is the *scratch block*: no sequence
+    ever owns it, and the padding rows of a compiled decode step write there.
+
+    ``state`` is one list that lives as long as the pool: layer ``i``'s keys are ``state[i]``,
+    its values ``state[num_layers + i]``. Writes update those arrays in place (``pool[idx] = kv``
+    donates the old buffer to the scatter, so a step costs O(tokens written), never a copy of the
+    pool), which is what lets ``mx.compile`` take the list as the graph's state.
     """
 
-    def __init__(
-        self,
-        num_layers: int,
-        num_blocks: int,
-        num_kv_heads: int,
-        block_size: int,
-        head_dim: int,
-        dtype: mx.Dtype,
-    ) -> None:
-        shape = (num_blocks, num_kv_heads, block_size, head_dim)
-        self.keys = [mx.zeros(shape, dtype) for _ in range(num_layers)]
-        self.values = [mx.zeros(shape, dtype) for _ in range(num_layers)]
+    def __init__(self, spec: KVSpec, num_blocks: int, block_size: int, dtype: mx.Dtype) -> None:
+        shape = (spec.num_kv_heads, num_blocks + 1, block_size, spec.head_dim)
+        self.state = [mx.zeros(shape, dtype) for _ in range(2 * spec.num_layers)]
+        self.num_layers = spec.num_layers
         self.block_size = block_size
-        self._heads = mx.arange(num_kv_heads)[None, :]
-        mx.eval(self.keys, self.values, self._heads)
+        self.scratch_block = num_blocks
+        self._heads = mx.arange(spec.num_kv_heads)[:, None]
+        mx.eval(self.state, self._heads)
 
-    @property
-    def state(self) -> list[mx.array]:
-        """All pool arrays, for ``mx.eval`` / ``mx.compile`` state."""
-        return self.keys + self.values
+    def keys(self, layer: int) -> mx.array:
+        return self.state[layer]
+
+    def values(self, layer: int) -> mx.array:
+        return self.state[self.num_layers + layer]
 
     @property
     def nbytes(self) -> int:
@@ -82,10 +97,10 @@ class KVCache:
 
     def write(self, layer: int, k: mx.array, v: mx.array, meta: AttentionMetadata) -> None:
         """Store ``k``/``v`` (``[T, Hkv, D]``) of the step's tokens at their slots."""
-        # Three broadcast index arrays select [T, Hkv] rows of D values: an in-place scatter.
-        index = (meta.slot_blocks, self._heads, meta.slot_offsets)
-        self.keys[layer][index] = k
-        self.values[layer][index] = v
+        # Three broadcast index arrays [Hkv, 1] x [1, T] select [Hkv, T] rows of D values.
+        index = (self._heads, meta.slot_blocks[None], meta.slot_offsets[None])
+        self.state[layer][index] = k.swapaxes(0, 1)
+        self.state[self.num_layers + layer][index] = v.swapaxes(0, 1)
 
 
 def attention(
@@ -102,7 +117,7 @@ def attention(
     Returns ``[T, Hq, D]``; ``q``/``k`` must already carry their rotary embedding.
     """
     cache.write(layer, k, v, meta)
-    k_pool, v_pool = cache.keys[layer], cache.values[layer]
+    k_pool, v_pool = cache.keys(layer), cache.values(layer)
     outputs = []
     if meta.num_decode_tokens:
         outputs.append(
@@ -124,12 +139,13 @@ def _prefill_attention(
     q: mx.array, k_pool: mx.array, v_pool: mx.array, chunk: PrefillChunk, scale: float
 ) -> mx.array:
     """Causal attention of one chunk over its sequence's cached prefix plus itself."""
-    _, num_kv_heads, block_size, head_dim = k_pool.shape
+    num_kv_heads, _, block_size, head_dim = k_pool.shape
     num_slots = chunk.block_table.shape[0] * block_size
 
     def gather(pool: mx.array) -> mx.array:
-        # [n, Hkv, BS, D] -> [1, Hkv, n * BS, D], cut to the sequence's real tokens.
-        blocks = pool[chunk.block_table].transpose(1, 0, 2, 3)
+        # [Hkv, n, BS, D] -> [1, Hkv, n * BS, D] (a reshape: the pool is head-major), cut to
+        # the sequence's real tokens.
+        blocks = pool[:, chunk.block_table]
         return blocks.reshape(1, num_kv_heads, num_slots, head_dim)[:, :, : chunk.context_len]
 
     queries = q[chunk.query_start : chunk.query_start + chunk.query_len]

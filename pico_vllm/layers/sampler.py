@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import chain
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import mlx.core as mx
 import numpy as np
@@ -48,6 +48,28 @@ class SamplerOutput:
     top_logprobs: list[list[tuple[int, float]] | None]  # top-n (id, logprob) where asked
 
 
+class PendingSamples(NamedTuple):
+    """A step's samples as unevaluated arrays; ``resolve`` is the one place they reach the host
+    (the step's sync point)."""
+
+    token_ids: mx.array  # [B]
+    wanted: list[int | None]  # each row's requested number of top logprobs
+    logprobs: mx.array | None = None  # [B], when a row asked
+    top_ids: mx.array | None = None  # [B, n_max]
+    top_values: mx.array | None = None
+
+    def resolve(self) -> SamplerOutput:
+        tokens = self.token_ids.tolist()
+        if self.logprobs is None:
+            return SamplerOutput(tokens, None, [None] * len(tokens))
+        ids, values = self.top_ids.tolist(), self.top_values.tolist()
+        top = [
+            None if n is None else list(zip(ids[i][:n], values[i][:n]))
+            for i, n in enumerate(self.wanted)
+        ]
+        return SamplerOutput(tokens, self.logprobs.tolist(), top)
+
+
 class Sampler:
     """Samples one token per row of ``logits[B, V]`` (float32), row ``i`` by ``requests[i]``."""
 
@@ -56,6 +78,11 @@ class Sampler:
         self._key = mx.random.key(seed)  # the generator of requests without a seed
 
     def __call__(self, logits: mx.array, requests: Sequence[SamplingRequest]) -> SamplerOutput:
+        """Sample and read the result back to the host (``sample(...).resolve()``)."""
+        return self.sample(logits, requests).resolve()
+
+    def sample(self, logits: mx.array, requests: Sequence[SamplingRequest]) -> PendingSamples:
+        """Build the sampling graph; nothing is evaluated until ``resolve``."""
         if logits.ndim != 2 or logits.shape[0] != len(requests):
             raise ValueError(
                 f"logits must have shape [len(requests)={len(requests)}, vocab], "
@@ -69,7 +96,16 @@ class Sampler:
         if not all(p.greedy for p in params):
             is_greedy = mx.array([p.greedy for p in params])
             tokens = mx.where(is_greedy, tokens, self._draw(logits, requests))
-        return _with_logprobs(raw, tokens.tolist(), params)
+        return _with_logprobs(raw, tokens, params)
+
+    def is_plain_argmax(self, requests: Sequence[SamplingRequest]) -> bool:
+        """True when every row's token is just the argmax of the model's logits: greedy, no
+        penalties, no logprobs, no stop tokens blocked by ``min_tokens``."""
+        return all(
+            r.params.greedy and not _has_penalty(r.params) and r.params.logprobs is None
+            and r.num_output_tokens >= r.params.min_tokens
+            for r in requests
+        )
 
     def _apply_penalties(self, logits: mx.array, requests: Sequence[SamplingRequest]) -> mx.array:
         """Repetition (HF) over prompt + output, presence and frequency (OpenAI) over output."""
@@ -164,24 +200,22 @@ def _top_k_top_p(logits: mx.array, params: list[SamplingParams]) -> mx.array:
     return mx.where(logits >= cutoff, logits, -mx.inf)
 
 
-def _with_logprobs(raw: mx.array, tokens: list[int], params: list[SamplingParams]) -> SamplerOutput:
+def _with_logprobs(raw: mx.array, tokens: mx.array, params: list[SamplingParams]) -> PendingSamples:
     """vLLM semantics: logprobs are the log-softmax of the model's own logits, before
     penalties and temperature; every row that asked gets its sampled token's and its top-n."""
     wanted = [p.logprobs for p in params]
     if all(n is None for n in wanted):
-        return SamplerOutput(tokens, None, [None] * len(tokens))
+        return PendingSamples(tokens, wanted)
     logprobs = raw - mx.logsumexp(raw, axis=-1, keepdims=True)
-    chosen = mx.take_along_axis(logprobs, mx.array(tokens)[:, None], axis=-1)[:, 0]
+    chosen = mx.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
     n_max = min(max(n for n in wanted if n is not None), raw.shape[-1])
-    top_ids = mx.zeros((len(tokens), 0), mx.int32)
+    top_ids = mx.zeros((len(wanted), 0), mx.int32)
     if n_max > 0:  # partition out the n best, then sort only those
         top_ids = mx.argpartition(-logprobs, kth=n_max - 1, axis=-1)[:, :n_max]
         order = mx.argsort(-mx.take_along_axis(logprobs, top_ids, axis=-1), axis=-1)
         top_ids = mx.take_along_axis(top_ids, order, axis=-1)
     top_values = mx.take_along_axis(logprobs, top_ids, axis=-1)
-    ids, values = top_ids.tolist(), top_values.tolist()
-    top = [None if n is None else list(zip(ids[i][:n], values[i][:n])) for i, n in enumerate(wanted)]
-    return SamplerOutput(tokens, chosen.tolist(), top)
+    return PendingSamples(tokens, wanted, chosen, top_ids, top_values)
 
 
 def _occurrences(shape: tuple[int, ...], rows: list[int], tokens: list[list[int]]) -> mx.array:

@@ -15,7 +15,7 @@ import mlx.nn as nn
 from mlx_lm.models.base import BaseModelArgs
 from mlx_lm.models.rope_utils import initialize_rope
 
-from pico_vllm.layers.attention import AttentionMetadata, KVCache, attention
+from pico_vllm.layers.attention import AttentionMetadata, KVCache, KVSpec, attention
 
 
 @dataclass
@@ -159,13 +159,7 @@ class Model(nn.Module):
         return self.model.layers
 
     @property
-    def num_layers(self) -> int:
-        return self.args.num_hidden_layers
-
-    @property
-    def num_kv_heads(self) -> int:
-        return self.args.num_key_value_heads
-
-    @property
-    def head_dim(self) -> int:
-        return self.args.head_dim
+    def kv_spec(self) -> KVSpec:
+        """What this model's KV pool must hold: layers, KV heads, head_dim."""
+        args = self.args
+        return KVSpec(args.num_hidden_layers, args.num_key_value_heads, args.head_dim)

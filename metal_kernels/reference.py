@@ -1,0 +1,50 @@
+"""The paged decode-attention contract, in pure MLX: what the Metal kernel must compute, and what
+runs wherever the kernel does not (the CPU, unsupported shapes).
+
+Each decode query is one token. Its keys and values are scattered over the pool in blocks of
+``block_size`` tokens; ``block_tables[b]`` lists sequence ``b``'s blocks in order and
+``context_lens[b]`` says how many of their slots hold real tokens.
+
+The pool is laid out ``[Hkv, num_blocks, block_size, D]``: head-major, so gathering a sequence's
+blocks, ``pool[:, block_tables]``, *is* its dense ``[Hkv, B, MB * block_size, D]`` context — a
+reshape, no transpose copy — and GQA is a reshape of ``q``: ``G = Hq / Hkv`` query rows per KV
+head and sequence, as "batch" ``[Hkv, B]`` of ``scaled_dot_product_attention``. On the CPU (SmolLM2
+shapes, batch 32, contexts up to 375 tokens) this measured 10.5 ms a layer against 16.1 ms for
+gathering ``[B, MB, Hkv, BS, D]`` blocks and transposing them, in one run; the gather itself is
+~1/5 of it, the softmax's ``exp`` the largest single part.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+
+
+def paged_attention_reference(
+    q: mx.array,
+    k_pool: mx.array,
+    v_pool: mx.array,
+    block_tables: mx.array,
+    context_lens: mx.array,
+    scale: float,
+) -> mx.array:
+    """Attention of ``q[B, Hq, D]`` over each sequence's paged context; returns ``[B, Hq, D]``.
+
+    ``k_pool``/``v_pool`` are ``[Hkv, num_blocks, block_size, D]``; ``Hq`` is a multiple of
+    ``Hkv`` (GQA). Rows with ``context_lens == 0`` (padding) return zeros.
+    """
+    batch, max_blocks = block_tables.shape
+    num_kv_heads, _, block_size, head_dim = k_pool.shape
+    group = q.shape[1] // num_kv_heads
+    num_slots = max_blocks * block_size
+    keys = k_pool[:, block_tables].reshape(num_kv_heads, batch, num_slots, head_dim)
+    values = v_pool[:, block_tables].reshape(num_kv_heads, batch, num_slots, head_dim)
+    # [B, Hq, D] -> [Hkv, B, G, D]: the G query heads sharing a KV head are one matmul's rows.
+    queries = q.reshape(batch, num_kv_heads, group, head_dim).transpose(1, 0, 2, 3)
+    # Slots past a context (block padding, the tail of its last block) are masked out.
+    valid = mx.arange(num_slots)[None, :] < context_lens[:, None]  # [B, N]
+    out = mx.fast.scaled_dot_product_attention(
+        queries, keys, values, scale=scale, mask=valid[None, :, None, :]
+    )  # [Hkv, B, G, D]
+    out = out.transpose(1, 0, 2, 3).reshape(q.shape)
+    # An all-masked row softmaxes to NaN; padding rows must stay harmless.
+    return mx.where((context_lens > 0)[:, None, None], out, 0.0).astype(q.dtype)

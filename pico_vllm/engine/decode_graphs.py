@@ -1,0 +1,78 @@
+"""Decode steps captured with ``mx.compile``: MLX's stand-in for vLLM's CUDA graphs.
+
+A decode-only step (one query token per sequence) has the same structure every time; only its
+shapes change. So the runner pads it to a *bucket* — batch rounded up to 1, 2, 4, 8, ... or
+``max_num_seqs``; block-table width rounded up to 1, 2, 3, 4, 6, 8, 12, 16, ... blocks (powers of
+two and 1.5x between them: the CPU reference pays for padded width, so coarser buckets cost
+attention time there) — and runs the one graph ``mx.compile`` traced for that bucket. Tracing
+happens once per bucket; afterwards a step skips Python graph building and runs MLX's
+simplified, fused graph.
+
+- **State.** The KV pool (``KVCache.state``, one list that lives as long as the pool) is the
+  graph's ``inputs`` and ``outputs``: MLX reads the current arrays before each call and puts the
+  written ones back after it, and the in-place scatter keeps a step O(tokens written).
+- **Padding rows are harmless.** They write their K/V to the pool's scratch block, which no
+  sequence ever owns, attend over a context of length 0 (zeros out), and their logits are dropped.
+- **Only ids come back** for all-greedy batches: the argmax is part of the graph.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import mlx.core as mx
+
+DecodeStep = Callable[..., tuple[mx.array, mx.array]]
+
+
+def batch_buckets(max_num_seqs: int) -> list[int]:
+    """1, 2, 4, ... below ``max_num_seqs``, then ``max_num_seqs`` itself."""
+    buckets = [1 << i for i in range(max_num_seqs.bit_length()) if 1 << i < max_num_seqs]
+    return buckets + [max_num_seqs]
+
+
+def width_buckets(max_blocks: int) -> list[int]:
+    """1, 2, 3, 4, 6, 8, 12, 16, ... below ``max_blocks``, then ``max_blocks`` itself."""
+    buckets, power = [1, 2, 3], 4
+    while power < max_blocks:
+        buckets += [power, power * 3 // 2]
+        power *= 2
+    return [b for b in buckets if b < max_blocks] + [max_blocks]
+
+
+def round_up(n: int, buckets: list[int]) -> int:
+    """The smallest bucket that holds ``n``."""
+    for bucket in buckets:
+        if bucket >= n:
+            return bucket
+    raise ValueError(f"{n} exceeds the largest bucket {buckets[-1]}")
+
+
+class DecodeGraphs:
+    """One compiled decode step per (batch bucket, width bucket), traced on first use.
+
+    ``step(input_ids, positions, slot_blocks, slot_offsets, block_tables, context_lens)`` returns
+    ``(logits[B, V], argmax[B])``; it must only read and write the pool through ``state``.
+    """
+
+    def __init__(self, step: DecodeStep, state: list[mx.array], max_num_seqs: int, max_blocks: int):
+        self.batch_buckets = batch_buckets(max_num_seqs)
+        self.width_buckets = width_buckets(max_blocks)
+        self.captures = 0  # graphs traced so far: one per bucket used
+
+        def traced(*arrays: mx.array) -> tuple[mx.array, mx.array]:
+            self.captures += 1  # this Python body runs only while MLX traces a new bucket
+            return step(*arrays)
+
+        self._compiled = mx.compile(traced, inputs=state, outputs=state)
+
+    def bucket(self, batch: int, width: int) -> tuple[int, int]:
+        """The padded (batch, block-table width) a step of this size runs at."""
+        return round_up(batch, self.batch_buckets), round_up(width, self.width_buckets)
+
+    def all_buckets(self) -> list[tuple[int, int]]:
+        return [(b, w) for b in self.batch_buckets for w in self.width_buckets]
+
+    def __call__(self, *arrays: mx.array) -> tuple[mx.array, mx.array]:
+        """Run the graph for these (already padded) arrays."""
+        return self._compiled(*arrays)

@@ -1,0 +1,28 @@
+"""Shared fixtures: random-weight models built once per test session, keyed by their shape.
+
+``make test`` runs everything; ``pytest -m "not slow"`` is the fast inner loop (it skips the
+embedded-model runs, the sanitizer builds of the emulated kernel and the benchmark)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from model_factory import make_random_model
+
+
+@pytest.fixture(scope="session")
+def random_model(tmp_path_factory) -> Callable[..., Path]:
+    """``random_model(arch, **kwargs)`` -> the folder of that random model, built on first use."""
+    root = tmp_path_factory.mktemp("random_models")
+    built: dict[tuple, Path] = {}
+
+    def get(arch: str = "llama", **kwargs) -> Path:
+        key = (arch, *sorted(kwargs.items()))
+        if key not in built:
+            name = "-".join([arch] + [f"{k}{v}" for k, v in sorted(kwargs.items())])
+            built[key] = make_random_model(root / name, arch, **kwargs)
+        return built[key]
+
+    return get

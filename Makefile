@@ -18,7 +18,7 @@ PYTEST_ARGS ?=
 .PHONY: help sync run test lint clean
 
 help:
-	@echo "make run    set up, then run the sandbox on the embedded default model"
+	@echo "make run    set up, then run the benchmark sandbox on the embedded default model"
 	@echo "make test   set up, then run the test suite"
 	@echo "make lint   ruff"
 	@echo "make clean  remove the venv and caches"
@@ -31,8 +31,7 @@ sync: $(UV)
 	$(UV) sync
 
 run: sync
-	$(UV) run pico-vllm generate --prompt "The three most useful things about paged attention are" \
-		--max-tokens 64 --num-requests 8
+	$(UV) run pico-vllm bench --quick
 
 test: sync
 	$(UV) run pytest $(PYTEST_ARGS)

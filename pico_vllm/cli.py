@@ -1,4 +1,5 @@
-"""``pico-vllm generate``: stream a generation to the terminal and report throughput."""
+"""``pico-vllm generate`` streams a generation to the terminal and reports throughput;
+``pico-vllm bench`` runs the benchmark sandbox (see ``pico_vllm/bench.py``)."""
 
 from __future__ import annotations
 
@@ -37,6 +38,27 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--max-num-batched-tokens", type=int, default=2048)
     gen.add_argument("--max-model-len", type=int, default=None)
     gen.add_argument("--no-prefix-caching", action="store_true")
+    gen.add_argument("--enforce-eager", action="store_true",
+                     help="run decode steps eagerly instead of through captured graphs")
+    gen.add_argument("--capture-graphs", default="lazy", choices=["lazy", "eager"],
+                     help="trace each decode graph on first use (lazy) or all at start-up (eager)")
+
+    from pico_vllm.bench import ENGINES, WORKLOADS
+
+    bench = commands.add_parser("bench", help="benchmark pico-vllm against mlx-lm on named workloads")
+    bench.add_argument("--model", default=None,
+                       help="HF id, local HF folder or .gguf file (default: embedded SmolLM2-135M)")
+    bench.add_argument("--workload", action="append", choices=WORKLOADS, default=None,
+                       help="workload to run (repeatable; default: all)")
+    bench.add_argument("--engine", action="append", choices=ENGINES, default=None,
+                       help="engine to run (repeatable; default: all)")
+    bench.add_argument("--quick", action="store_true", help="small workloads (the `make run` sandbox)")
+    bench.add_argument("--rates", default=None,
+                       help="online request rates per second, comma-separated "
+                            "(default: 1,2 with --quick, else 0.5,1,2,4)")
+    bench.add_argument("--max-num-seqs", type=int, default=32,
+                       help="concurrent sequences for pico-vllm and mlx-lm's BatchGenerator alike")
+    bench.add_argument("--output", default="bench-results", help="folder for results.json and the plots")
     return parser
 
 
@@ -45,6 +67,7 @@ def generate(args: argparse.Namespace) -> None:
         model=args.model, dtype=args.dtype, block_size=args.block_size, num_blocks=args.num_blocks,
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         max_model_len=args.max_model_len, enable_prefix_caching=not args.no_prefix_caching,
+        enforce_eager=args.enforce_eager, capture_graphs=args.capture_graphs,
     )
     started = time.perf_counter()
     llm = LLM(**vars(config))
@@ -82,11 +105,38 @@ def generate(args: argparse.Namespace) -> None:
     )
 
 
+def run_bench(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from pico_vllm.bench import ENGINES, WORKLOADS, benchmark, format_table, save
+
+    default_rates = "1,2" if args.quick else "0.5,1,2,4"
+    try:
+        rates = [float(r) for r in (args.rates or default_rates).split(",")]
+    except ValueError:
+        raise ValueError(f"--rates must be comma-separated numbers, got {args.rates!r}") from None
+    if any(r <= 0 for r in rates):
+        raise ValueError(f"--rates must be positive, got {args.rates!r}")
+    if args.max_num_seqs < 1:
+        raise ValueError(f"--max-num-seqs must be >= 1, got {args.max_num_seqs}")
+    results, facts = benchmark(
+        args.model, args.workload or list(WORKLOADS), args.engine or list(ENGINES), args.quick,
+        rates, args.max_num_seqs,
+    )
+    print(f"model {facts['model']} ({facts['parameters'] / 1e6:.0f}M parameters) on {facts['device']}; "
+          f"peak fp32 matmul {facts['peak_matmul_flops'] / 1e9:.1f} GFLOP/s")
+    print(format_table(results, facts))
+    paths = save(results, facts, Path(args.output))
+    print("wrote " + ", ".join(str(p) for p in paths))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "generate":
             generate(args)
+        elif args.command == "bench":
+            run_bench(args)
     except (ValueError, FileNotFoundError) as e:
         print(f"pico-vllm: error: {e}", file=sys.stderr)
         return 2

@@ -63,6 +63,29 @@ def test_decodes_go_first_and_waiting_prompts_fill_the_rest():
     assert out.num_batched_tokens == 7
 
 
+def test_prompts_sharing_a_prefix_in_flight_wait_one_step_and_hit_the_cache():
+    s = make(budget=64)
+    system = list(range(500, 516))  # two full blocks of 8
+    a = Sequence("a", system + [1, 2, 3], SamplingParams(max_tokens=4))
+    b = Sequence("b", system + [4, 5], SamplingParams(max_tokens=4))
+    other = seq(12, "other", start=100)
+    for x in (a, b, other):
+        s.add_sequence(x)
+    out = step(s)
+    assert [x.request_id for x, _ in out.scheduled] == ["a"]  # b waits for a's prefix (FIFO)
+    out = step(s)
+    assert [(x.request_id, n) for x, n in out.scheduled] == [("a", 1), ("b", 2), ("other", 12)]
+    assert b.num_cached_tokens == 16
+
+
+def test_without_prefix_caching_nothing_waits_for_a_prefix():
+    s = make(budget=64, caching=False)
+    system = list(range(500, 516))
+    for name in "ab":
+        s.add_sequence(Sequence(name, system + [1], SamplingParams(max_tokens=4)))
+    assert [x.request_id for x, _ in step(s).scheduled] == ["a", "b"]
+
+
 def test_max_num_seqs_limits_admission():
     s = make(max_seqs=2)
     for i in range(3):

@@ -7,6 +7,11 @@ the remaining budget (chunked prefill: a long prompt spreads over several steps 
 keep flowing). When the pool has no block for a running sequence, the most recently admitted
 one is *preempted*: its blocks are freed and it goes back to the front of the queue, to be
 recomputed later — usually cheaply, since its full blocks survive in the prefix cache.
+
+A waiting prompt whose first block equals that of a running sequence still computing its prompt
+waits for it (admission pauses, FIFO): blocks enter the prefix cache only once computed, so
+requests that arrive together with a shared system prompt would otherwise all compute it. One
+step later they find it cached and compute only their own tokens.
 """
 
 from __future__ import annotations
@@ -98,6 +103,7 @@ class Scheduler:
                 budget -= n
                 i += 1
 
+        prefilling = {self._head(s) for s in self.running if s.num_computed_tokens < s.num_prompt_tokens}
         while (
             self.waiting
             and budget > 0
@@ -105,6 +111,10 @@ class Scheduler:
             and not out.preempted  # blocks are short: let the preempted go first, next step
         ):
             seq = self.waiting[0]
+            head = self._head(seq)
+            if head is not None and head in prefilling:
+                break  # its prefix is being computed right now: take it from the cache next step
+            prefilling.add(head)
             self.block_manager.share_cached_prefix(seq)
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
             if not self.block_manager.allocate(seq, seq.num_computed_tokens + n):
@@ -143,6 +153,13 @@ class Scheduler:
                 self.finish(seq, "abort")
                 return True
         return False
+
+    def _head(self, seq: Sequence) -> tuple[int, ...] | None:
+        """The first block's tokens of a prompt that can share it (None: nothing to share)."""
+        size = self.config.block_size
+        if not self.config.enable_prefix_caching or seq.num_tokens <= size:
+            return None
+        return tuple(seq.token_ids[:size])
 
     def _preempt(self, seq: Sequence) -> None:
         self._release(seq)

@@ -34,6 +34,8 @@ class EngineConfig:
             captured with ``mx.compile``, one per (batch, block-table width) bucket.
         capture_graphs: ``"lazy"`` traces a bucket's graph on its first step; ``"eager"``
             traces all of them when the engine starts (as vLLM captures CUDA graphs).
+        async_scheduling: queue step n+1 before reading step n back, so the host's scheduling
+            and detokenizing overlap the model's compute (greedy outputs are unchanged).
         seed: seed of the global RNG used by requests that give no seed of their own.
     """
 
@@ -48,6 +50,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     enforce_eager: bool = False
     capture_graphs: str = "lazy"
+    async_scheduling: bool = True
     seed: int = 0
 
     def __post_init__(self) -> None:

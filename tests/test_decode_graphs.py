@@ -56,8 +56,8 @@ def test_padding_rows_write_only_the_scratch_block(random_model):
     block and nothing else, and the live rows only their own new slots."""
     engine = LLMEngine(EngineConfig(model=str(random_model("qwen3", head_dim=32)), num_blocks=32,
                                     block_size=8))
-    for n in (4, 11, 20):
-        engine.add_request(list(range(3, 3 + n)), GREEDY)
+    for start, n in ((3, 4), (100, 11), (200, 20)):
+        engine.add_request(list(range(start, start + n)), GREEDY)
     engine.step()  # the prompts' prefill (eager, mixed)
     cache = engine.runner.cache
     for i, array in enumerate(cache.state):  # poison every slot, live ones included

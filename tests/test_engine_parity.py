@@ -100,17 +100,26 @@ def oracles(models) -> dict[tuple[str, int], Oracle]:
 LENGTHS = [1, 7, 16, 17, 33, 64, 129, 200]  # 8 concurrent prompts across block boundaries
 
 
+MODES = {  # the default engine, then each of its two mechanisms switched off
+    "compiled + async": {},
+    "eager": dict(enforce_eager=True),
+    "synchronous": dict(async_scheduling=False),
+}
+
+
 def run_compiled_and_eager(model_dir: Path, prompts_seed: int, **overrides) -> tuple[LLMEngine, list]:
-    """Greedy outputs of the compiled engine, checked equal to the eager engine's token for token."""
-    outputs, engines = [], []
-    for eager in (False, True):
-        engine = LLMEngine(EngineConfig(model=str(model_dir), enforce_eager=eager, **overrides))
+    """Greedy outputs of the default engine (captured decode graphs, asynchronous scheduling),
+    checked equal token for token to the eager engine's and to the synchronous engine's."""
+    outputs, engines = {}, {}
+    for mode, switches in MODES.items():
+        engine = LLMEngine(EngineConfig(model=str(model_dir), **switches, **overrides))
         prompts = prompts_for(engine.vocab_size, LENGTHS, seed=prompts_seed)
-        outputs.append(run_greedy(engine, prompts))
-        engines.append(engine)
-    assert engines[0].runner.graphs.captures > 0 and engines[1].runner.graphs is None
-    assert outputs[0] == outputs[1], "captured decode graphs diverged from the eager engine"
-    return engines[0], list(zip(prompts, outputs[0]))
+        outputs[mode], engines[mode] = run_greedy(engine, prompts), engine
+    assert engines["compiled + async"].runner.graphs.captures > 0
+    assert engines["eager"].runner.graphs is None
+    for mode in ("eager", "synchronous"):
+        assert outputs[mode] == outputs["compiled + async"], f"the {mode} engine diverged"
+    return engines["compiled + async"], list(zip(prompts, outputs["compiled + async"]))
 
 
 @pytest.mark.parametrize("arch,head_dim", ARCHS)

@@ -9,7 +9,6 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from pico_vllm.config import EngineConfig
-from pico_vllm.engine.model_runner import Sample
 from pico_vllm.engine.scheduler import Scheduler
 from pico_vllm.engine.sequence import Sequence, SequenceStatus
 from pico_vllm.sampling_params import SamplingParams
@@ -29,10 +28,10 @@ def seq(n: int, name: str, max_tokens: int = 4, start: int = 0) -> Sequence:
 def step(s: Scheduler, token: int = 7):
     """One engine step with a fake model that samples ``token`` wherever a sequence samples."""
     out = s.schedule()
-    sampled = {
-        seq: Sample(token) for seq, n in out.scheduled if seq.num_computed_tokens + n == seq.num_tokens
-    }
-    s.update(out, sampled)
+    sampled = [seq for seq, n in out.scheduled if seq.num_computed_tokens + n == seq.num_tokens]
+    s.advance(out, sampled)
+    for seq in sampled:
+        s.token_known(seq, seq.num_tokens - 1, token)
     for seq, _ in out.scheduled:
         if seq.num_output_tokens >= seq.params.max_tokens:
             s.finish(seq, "length")

@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections import OrderedDict, deque
 from dataclasses import dataclass
 
-from pico_vllm.engine.sequence import Sequence
+from pico_vllm.engine.sequence import PLACEHOLDER, Sequence
 
 
 @dataclass
@@ -96,7 +96,8 @@ class BlockManager:
         seq.block_table = []
 
     def cache_full_blocks(self, seq: Sequence) -> None:
-        """Register every full, computed block of ``seq`` in the prefix cache."""
+        """Register every full, computed block of ``seq`` whose token ids are all known (no
+        placeholder of a token still on its way to the host) in the prefix cache."""
         if not self.enable_prefix_caching:
             return
         num_full = seq.num_computed_tokens // self.block_size
@@ -104,8 +105,11 @@ class BlockManager:
             block = self.blocks[seq.block_table[i]]
             if block.hash is not None:
                 continue  # registered earlier (or shared from the cache)
+            tokens = self._tokens_of_block(seq, i)
+            if PLACEHOLDER in tokens:
+                return  # a later call, once the token is known, registers it and what follows
             parent = self.blocks[seq.block_table[i - 1]].hash if i else None
-            block.token_ids = self._tokens_of_block(seq, i)
+            block.token_ids = tokens
             block.hash = hash((parent, block.token_ids))
             # If another sequence computed the same prefix first, its block stays the cached one.
             self._cached.setdefault(block.hash, block.block_id)

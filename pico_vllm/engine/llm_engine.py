@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 
 from pico_vllm.config import EngineConfig
 from pico_vllm.engine.detokenizer import IncrementalDetokenizer
-from pico_vllm.engine.model_runner import ModelRunner
+from pico_vllm.engine.model_runner import ModelRunner, PendingStep
 from pico_vllm.engine.scheduler import Scheduler
 from pico_vllm.engine.sequence import Sequence
 from pico_vllm.layers.sampler import Sampler
@@ -68,6 +68,7 @@ class LLMEngine:
         self.stats = EngineStats()
         self._requests: dict[str, _Request] = {}
         self._ids = itertools.count()
+        self._in_flight: tuple[PendingStep, list[int]] | None = None  # a step not yet read back
 
     def add_request(
         self,
@@ -99,40 +100,67 @@ class LLMEngine:
         return self.scheduler.abort(request_id)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or self._in_flight is not None
 
     def step(self) -> list[RequestOutput]:
-        """Run one iteration; returns an output for every request that got a token this step."""
+        """Run one iteration; returns an output for every request that got a token.
+
+        With ``async_scheduling`` the step queued here evaluates in the background while the
+        host reads back the *previous* step and builds its outputs: the new step's decode inputs
+        are the previous step's sampled ids, taken on the device. A sequence that turns out to
+        have finished (EOS, a stop string) has its one extra token discarded. A batch whose
+        sampling reads earlier token ids (penalties) reads the previous step back first.
+        """
         out = self.scheduler.schedule()
         self.stats.preemptions += len(out.preempted)
-        if out.is_empty:
-            return []
-        samples = self.runner.execute(out).resolve()
-        self.scheduler.update(out, samples)
-        self.stats.steps += 1
-
         outputs = []
-        for seq, _ in out.scheduled:
-            sample = samples.get(seq)
-            if sample is None:
-                continue
-            request = self._requests[seq.request_id]
+        previous, self._in_flight = self._in_flight, None
+        if previous is not None and (out.is_empty or self.runner.needs_token_values(out)):
+            outputs += self._complete(*previous)
+            previous = None
+            # What finished just now (EOS, a stop) has nothing more to compute.
+            out.scheduled = [(seq, n) for seq, n in out.scheduled if not seq.is_finished]
+        if not out.is_empty:
+            pending = self.runner.execute(out, previous[0] if previous else None)
+            pending.start()
+            self.scheduler.advance(out, pending.seqs)
+            self.stats.steps += 1
+            # Where each sampled token goes in its sequence, once the host reads it.
+            self._in_flight = (pending, [len(seq.token_ids) - 1 for seq in pending.seqs])
+        if previous is not None:
+            outputs += self._complete(*previous)
+        if not self.config.async_scheduling and self._in_flight is not None:
+            outputs += self._complete(*self._in_flight)
+            self._in_flight = None
+        return outputs
+
+    def _complete(self, pending: PendingStep, indices: list[int]) -> list[RequestOutput]:
+        """Read a step back: fill in its tokens, detokenize, check stops, finish requests."""
+        samples = pending.resolve()
+        outputs = []
+        for seq, index in zip(pending.seqs, indices):
+            if seq.is_finished:
+                continue  # finished or aborted after this step was queued: its token is dropped
+            self.scheduler.token_known(seq, index, samples[seq].token_id)
+            sample, request = samples[seq], self._requests[seq.request_id]
+            num_output = index + 1 - seq.num_prompt_tokens
             self.stats.generated_tokens += 1
             if seq.params.logprobs is not None:
                 request.logprobs.append(sample.logprob)
                 request.top_logprobs.append(sample.top_logprobs or [])
-            reason = self._finish_reason(request, sample.token_id)
+            reason = self._finish_reason(request, sample.token_id, num_output)
             if reason is not None:
                 self.scheduler.finish(seq, reason)
                 self.stats.cached_prompt_tokens += seq.num_cached_tokens
                 del self._requests[seq.request_id]
-            outputs.append(self._output(request, reason))
+            outputs.append(self._output(request, reason, num_output))
         return outputs
 
-    def _finish_reason(self, request: _Request, token: int) -> str | None:
-        """Detokenize ``token`` and say why the request ends here, if it does."""
-        seq, params = request.seq, request.seq.params
-        may_stop = seq.num_output_tokens >= params.min_tokens
+    def _finish_reason(self, request: _Request, token: int, num_output: int) -> str | None:
+        """Detokenize ``token``, the request's ``num_output``-th, and say why the request ends
+        here, if it does."""
+        params = request.seq.params
+        may_stop = num_output >= params.min_tokens
         if may_stop and (
             token in params.stop_token_ids or (token in self.eos_token_ids and not params.ignore_eos)
         ):
@@ -140,23 +168,25 @@ class LLMEngine:
             return "stop"  # the stop token's text is not part of the output
         if request.detokenizer.add_token(token) and may_stop:
             return "stop"
-        if seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.config.max_model_len:
+        num_tokens = request.seq.num_prompt_tokens + num_output
+        if num_output >= params.max_tokens or num_tokens >= self.config.max_model_len:
             request.detokenizer.finalize()
             return "length"
         return None
 
-    def _output(self, request: _Request, reason: str | None) -> RequestOutput:
+    def _output(self, request: _Request, reason: str | None, num_output: int) -> RequestOutput:
         seq = request.seq
-        tokens = seq.output_token_ids
+        prompt_len = seq.num_prompt_tokens
+        tokens = seq.token_ids[prompt_len : prompt_len + num_output]
         delta_tokens = tokens[request.emitted_tokens :]
         request.emitted_tokens = len(tokens)
         wants_logprobs = seq.params.logprobs is not None
         return RequestOutput(
             request_id=seq.request_id,
             prompt=request.prompt,
-            prompt_token_ids=seq.token_ids[: seq.num_prompt_tokens],
+            prompt_token_ids=seq.token_ids[:prompt_len],
             text=request.detokenizer.text,
-            token_ids=list(tokens),
+            token_ids=tokens,
             finished=reason is not None,
             finish_reason=reason,
             delta_text=request.detokenizer.take_delta(finished=reason is not None),

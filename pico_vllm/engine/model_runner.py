@@ -24,7 +24,7 @@ from metal_kernels import metal_available
 from pico_vllm.config import CPU_KV_CACHE_BYTES, EngineConfig
 from pico_vllm.engine.decode_graphs import DecodeGraphs
 from pico_vllm.engine.scheduler import SchedulerOutput
-from pico_vllm.engine.sequence import Sequence
+from pico_vllm.engine.sequence import PLACEHOLDER, Sequence
 from pico_vllm.layers.attention import AttentionMetadata, KVCache, KVSpec, PrefillChunk
 from pico_vllm.layers.sampler import PendingSamples, Sampler
 
@@ -42,12 +42,28 @@ class Sample:
 
 
 class PendingStep:
-    """A step whose computation is queued but not yet read back. ``resolve`` is the step's one
-    host sync: it evaluates the pool writes and the samples, and returns each sampling
-    sequence's :class:`Sample`."""
+    """A step whose computation is queued but not yet read back.
+
+    ``start`` hands it to MLX to evaluate in the background; ``resolve`` is the step's one host
+    sync: it waits for the pool writes and the samples and returns each sampling sequence's
+    :class:`Sample`. Until then, ``token_ids`` are the samples on the device, which the next step
+    can already take as its input ids (asynchronous scheduling).
+    """
 
     def __init__(self, seqs: list[Sequence], samples: PendingSamples | None, state: list[mx.array]):
-        self._seqs, self._samples, self._state = seqs, samples, state
+        self.seqs, self._samples, self._state = seqs, samples, state
+        self._rows = {seq: row for row, seq in enumerate(seqs)}
+
+    @property
+    def token_ids(self) -> mx.array | None:
+        return None if self._samples is None else self._samples.token_ids
+
+    def row_of(self, seq: Sequence) -> int:
+        """Where ``seq``'s new token is in ``token_ids``."""
+        return self._rows[seq]
+
+    def start(self) -> None:
+        mx.async_eval(self._samples or [], self._state)
 
     def resolve(self) -> dict[Sequence, Sample]:
         if self._samples is None:
@@ -55,10 +71,10 @@ class PendingStep:
             return {}
         mx.eval(self._samples, self._state)
         out = self._samples.resolve()
-        logprobs = out.logprobs or [None] * len(self._seqs)
+        logprobs = out.logprobs or [None] * len(self.seqs)
         return {
             seq: Sample(token, logprob, top)
-            for seq, token, logprob, top in zip(self._seqs, out.token_ids, logprobs, out.top_logprobs)
+            for seq, token, logprob, top in zip(self.seqs, out.token_ids, logprobs, out.top_logprobs)
         }
 
 
@@ -100,16 +116,21 @@ class ModelRunner:
                 self._decode_step, self.cache.state, config.max_num_seqs, max_blocks
             )
 
-    def execute(self, out: SchedulerOutput) -> PendingStep:
-        """Queue one step: write the new tokens' K/V into the pool and sample where due."""
+    def execute(self, out: SchedulerOutput, previous: PendingStep | None = None) -> PendingStep:
+        """Queue one step: write the new tokens' K/V into the pool and sample where due.
+
+        A decode whose input token is still a placeholder takes it from ``previous`` (the step
+        that sampled it, not yet read back) on the device.
+        """
         batch = sorted(out.scheduled, key=lambda item: item[1] > 1)  # stable: decodes first
         # A sequence samples once every token it knows has its K/V computed.
         rows = [i for i, (seq, n) in enumerate(batch) if seq.num_computed_tokens + n == seq.num_tokens]
         seqs = [batch[i][0] for i in rows]
         if all(n == 1 for _, n in batch):
-            logits, argmax = self._run_decode(batch)
+            logits, argmax = self._run_decode(batch, previous)
         else:
             input_ids, positions, meta = self.prepare(batch)
+            input_ids = self._take_placeholders(input_ids, batch, previous)
             hidden = self.model(input_ids, positions, self.cache, meta)
             last_row = np.cumsum([n for _, n in batch]) - 1
             logits = self.model.compute_logits(hidden[mx.array(last_row)]).astype(mx.float32)
@@ -131,14 +152,41 @@ class ModelRunner:
             mx.eval(self.graphs(*arrays), self.cache.state)  # all padding: only scratch is written
         return len(buckets)
 
-    def _run_decode(self, batch: list[tuple[Sequence, int]]) -> tuple[mx.array, mx.array]:
+    def needs_token_values(self, out: SchedulerOutput) -> bool:
+        """Whether building this step's sampler reads the ids of earlier tokens on the host
+        (penalties count them): then the previous step must be read back first."""
+        return any(self.sampler.reads_token_ids(seq.params) for seq, _ in out.scheduled)
+
+    def _run_decode(
+        self, batch: list[tuple[Sequence, int]], previous: PendingStep | None
+    ) -> tuple[mx.array, mx.array]:
         """A decode-only step: through its captured graph, or eagerly without padding."""
         width = max(-(-(seq.num_computed_tokens + 1) // self.block_size) for seq, _ in batch)
+        rows, padded_width = len(batch), width
+        if self.graphs is not None:
+            rows, padded_width = self.graphs.bucket(len(batch), width)
+        arrays = self._decode_arrays(batch, rows, padded_width)
+        arrays[0] = self._take_placeholders(arrays[0], batch, previous)
         if self.graphs is None:
-            return self._decode_step(*self._decode_arrays(batch, len(batch), width))
-        padded_batch, padded_width = self.graphs.bucket(len(batch), width)
-        logits, argmax = self.graphs(*self._decode_arrays(batch, padded_batch, padded_width))
+            return self._decode_step(*arrays)
+        logits, argmax = self.graphs(*arrays)
         return logits[: len(batch)], argmax[: len(batch)]
+
+    @staticmethod
+    def _take_placeholders(
+        input_ids: mx.array, batch: list[tuple[Sequence, int]], previous: PendingStep | None
+    ) -> mx.array:
+        """Put the device-side ids of not-yet-read tokens into ``input_ids``. Only a decode row
+        (first in the batch) can hold one: the newest token of its sequence."""
+        pending = [
+            (row, previous.row_of(seq)) for row, (seq, n) in enumerate(batch)
+            if n == 1 and seq.token_ids[seq.num_computed_tokens] == PLACEHOLDER
+        ]
+        if not pending:
+            return input_ids
+        rows, sources = zip(*pending)
+        input_ids[mx.array(rows)] = previous.token_ids[mx.array(sources)]
+        return input_ids
 
     def _decode_step(self, input_ids, positions, slot_blocks, slot_offsets, block_tables, context_lens):
         """One decode token per row -> ``(logits[B, V], argmax[B])``; what the graphs capture."""

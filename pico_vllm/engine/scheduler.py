@@ -17,16 +17,12 @@ step later they find it cached and compute only their own tokens.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Collection
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from pico_vllm.config import EngineConfig
 from pico_vllm.engine.block_manager import BlockManager
-from pico_vllm.engine.sequence import Sequence, SequenceStatus
-
-if TYPE_CHECKING:  # the runner imports this module; only the type goes the other way
-    from pico_vllm.engine.model_runner import Sample
+from pico_vllm.engine.sequence import PLACEHOLDER, Sequence, SequenceStatus
 
 
 @dataclass
@@ -91,6 +87,9 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
+            if self._reached_length(seq):
+                i += 1  # its last token is still on its way to the host: nothing more to compute
+                continue
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
             while not self.block_manager.allocate(seq, seq.num_computed_tokens + n):
                 victim = self.running.pop()  # the most recently admitted
@@ -127,14 +126,20 @@ class Scheduler:
             budget -= n
         return out
 
-    def update(self, out: SchedulerOutput, samples: Mapping[Sequence, Sample]) -> None:
-        """Record a finished step: computed tokens advance, full blocks enter the prefix cache,
-        and sequences that sampled get their new token."""
+    def advance(self, out: SchedulerOutput, sampling: Collection[Sequence]) -> None:
+        """Record a queued step: computed tokens advance, full blocks enter the prefix cache,
+        and each sequence in ``sampling`` gets a placeholder for its new token, which the engine
+        fills once the host reads it (``Sequence.fill_placeholder``)."""
         for seq, n in out.scheduled:
             seq.num_computed_tokens += n
             self.block_manager.cache_full_blocks(seq)
-            if seq in samples:
-                seq.append_token(samples[seq].token_id)
+            if seq in sampling:
+                seq.append_token(PLACEHOLDER)
+
+    def token_known(self, seq: Sequence, index: int, token_id: int) -> None:
+        """The token sampled at ``index`` reached the host: blocks it completes can be cached."""
+        seq.fill_placeholder(index, token_id)
+        self.block_manager.cache_full_blocks(seq)
 
     def finish(self, seq: Sequence, reason: str) -> None:
         """Retire ``seq``; its blocks are freed (full cached ones stay reusable)."""
@@ -153,6 +158,12 @@ class Scheduler:
                 self.finish(seq, "abort")
                 return True
         return False
+
+    def _reached_length(self, seq: Sequence) -> bool:
+        return (
+            seq.num_output_tokens >= seq.params.max_tokens
+            or seq.num_tokens >= self.config.max_model_len
+        )
 
     def _head(self, seq: Sequence) -> tuple[int, ...] | None:
         """The first block's tokens of a prompt that can share it (None: nothing to share)."""

@@ -7,6 +7,10 @@ import time
 
 from pico_vllm.sampling_params import SamplingParams
 
+# The id a sampled token has between the step that computes it and the moment the host reads it
+# back (asynchronous scheduling): the next step already runs with the real id, taken on the device.
+PLACEHOLDER = -1
+
 
 class SequenceStatus(enum.Enum):
     """WAITING -> RUNNING -> (PREEMPTED -> RUNNING ->) FINISHED.
@@ -60,6 +64,11 @@ class Sequence:
 
     def append_token(self, token_id: int) -> None:
         self.token_ids.append(token_id)
+
+    def fill_placeholder(self, index: int, token_id: int) -> None:
+        """The host learned the token sampled at ``index``."""
+        assert self.token_ids[index] == PLACEHOLDER, (self, index)
+        self.token_ids[index] = token_id
 
     def __repr__(self) -> str:
         return (

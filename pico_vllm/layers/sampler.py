@@ -98,6 +98,11 @@ class Sampler:
             tokens = mx.where(is_greedy, tokens, self._draw(logits, requests))
         return _with_logprobs(raw, tokens, params)
 
+    @staticmethod
+    def reads_token_ids(params: SamplingParams) -> bool:
+        """Whether sampling for ``params`` reads the ids of earlier tokens (penalties do)."""
+        return _has_penalty(params)
+
     def is_plain_argmax(self, requests: Sequence[SamplingRequest]) -> bool:
         """True when every row's token is just the argmax of the model's logits: greedy, no
         penalties, no logprobs, no stop tokens blocked by ``min_tokens``."""

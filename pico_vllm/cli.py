@@ -42,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="run decode steps eagerly instead of through captured graphs")
     gen.add_argument("--capture-graphs", default="lazy", choices=["lazy", "eager"],
                      help="trace each decode graph on first use (lazy) or all at start-up (eager)")
+    gen.add_argument("--no-async-scheduling", action="store_true",
+                     help="read every step back before queueing the next")
 
     from pico_vllm.bench import ENGINES, WORKLOADS
 
@@ -68,6 +70,7 @@ def generate(args: argparse.Namespace) -> None:
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         max_model_len=args.max_model_len, enable_prefix_caching=not args.no_prefix_caching,
         enforce_eager=args.enforce_eager, capture_graphs=args.capture_graphs,
+        async_scheduling=not args.no_async_scheduling,
     )
     started = time.perf_counter()
     llm = LLM(**vars(config))

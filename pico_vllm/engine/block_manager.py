@@ -40,8 +40,6 @@ class BlockManager:
         self._free: deque[int] = deque(range(num_blocks))
         self._evictable: OrderedDict[int, None] = OrderedDict()  # least recently used first
         self._cached: dict[int, int] = {}  # block hash -> block id
-        self.queried_tokens = 0  # prefix-cache statistics
-        self.hit_tokens = 0
 
     @property
     def num_free_blocks(self) -> int:
@@ -68,8 +66,6 @@ class BlockManager:
             seq.block_table.append(block_id)
             parent = self.blocks[block_id].hash
         seq.num_computed_tokens = seq.num_cached_tokens = len(seq.block_table) * self.block_size
-        self.queried_tokens += seq.num_tokens
-        self.hit_tokens += seq.num_cached_tokens
 
     def allocate(self, seq: Sequence, num_tokens: int) -> bool:
         """Grow ``seq.block_table`` to hold ``num_tokens`` tokens; all or nothing."""

@@ -9,7 +9,6 @@ blocks of finished sequences. ``LLM.generate``, the CLI and the benchmark all dr
 from __future__ import annotations
 
 import itertools
-import time
 from dataclasses import dataclass, field, replace
 
 from pico_vllm.config import EngineConfig
@@ -85,7 +84,7 @@ class LLMEngine:
         if request_id in self._requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
         token_ids = self._tokenize(prompt)
-        seq = Sequence(request_id, token_ids, params, arrival_time=time.monotonic())
+        seq = Sequence(request_id, token_ids, params)
         self.scheduler.add_sequence(seq)  # rejects what can never fit, before anything is kept
         text = prompt if isinstance(prompt, str) else None
         stop = list(params.stop)

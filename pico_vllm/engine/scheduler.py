@@ -58,10 +58,6 @@ class Scheduler:
     def num_waiting(self) -> int:
         return len(self.waiting)
 
-    @property
-    def num_running(self) -> int:
-        return len(self.running)
-
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import enum
-import time
 
 from pico_vllm.sampling_params import SamplingParams
 
@@ -33,11 +32,9 @@ class Sequence:
         request_id: str,
         prompt_token_ids: list[int],
         params: SamplingParams,
-        arrival_time: float | None = None,
     ) -> None:
         self.request_id = request_id
         self.params = params
-        self.arrival_time = time.monotonic() if arrival_time is None else arrival_time
         self.token_ids = list(prompt_token_ids)
         self.num_prompt_tokens = len(prompt_token_ids)
         self.num_computed_tokens = 0  # tokens whose K/V is in the pool

@@ -91,10 +91,6 @@ class KVCache:
     def values(self, layer: int) -> mx.array:
         return self.state[self.num_layers + layer]
 
-    @property
-    def nbytes(self) -> int:
-        return sum(a.nbytes for a in self.state)
-
     def write(self, layer: int, k: mx.array, v: mx.array, meta: AttentionMetadata) -> None:
         """Store ``k``/``v`` (``[T, Hkv, D]``) of the step's tokens at their slots."""
         # Three broadcast index arrays [Hkv, 1] x [1, T] select [Hkv, T] rows of D values.

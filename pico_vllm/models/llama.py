@@ -155,10 +155,6 @@ class Model(nn.Module):
         return weights
 
     @property
-    def layers(self) -> list[DecoderLayer]:
-        return self.model.layers
-
-    @property
     def kv_spec(self) -> KVSpec:
         """What this model's KV pool must hold: layers, KV heads, head_dim."""
         args = self.args

@@ -80,3 +80,30 @@ def test_cli_streams_the_embedded_model_with_chat(capsys):
     assert code == 0
     assert "Paris" in captured.out
     assert "embedded SmolLM2-135M-Instruct" in captured.err and "2 request(s)" in captured.err
+
+
+@pytest.mark.parametrize("params", [
+    SamplingParams(temperature=0, max_tokens=24, ignore_eos=True),
+    SamplingParams(temperature=0.9, seed=1, max_tokens=40, ignore_eos=True),
+])
+def test_text_is_the_decode_of_the_generated_ids(llm, params):
+    """The first token keeps its leading space: prompt + text reads as one text, like vLLM's."""
+    prompts = ["The capital of France is", "Héllo wörld, naïve café"]
+    streamed = {}
+    final = {}
+    for out in llm.stream(prompts, params):
+        streamed[out.request_id] = streamed.get(out.request_id, "") + out.delta_text
+        if out.finished:
+            final[out.request_id] = out
+    for out in final.values():
+        assert out.text == llm.tokenizer._tokenizer.decode(out.token_ids, skip_special_tokens=True)
+        assert streamed[out.request_id] == out.text
+    if params.temperature == 0:
+        assert next(iter(final.values())).text.startswith(" Paris")
+
+
+def test_stop_string_cuts_the_decoded_text(llm):
+    full = llm.generate("The capital of France is", SamplingParams(temperature=0, max_tokens=24))[0]
+    stop = full.text[5:8]
+    out = llm.generate("The capital of France is", SamplingParams(temperature=0, max_tokens=24, stop=[stop]))[0]
+    assert out.finish_reason == "stop" and out.text == full.text[: full.text.index(stop)]

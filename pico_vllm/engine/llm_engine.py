@@ -88,7 +88,7 @@ class LLMEngine:
         self.scheduler.add_sequence(seq)  # rejects what can never fit, before anything is kept
         text = prompt if isinstance(prompt, str) else None
         stop = list(params.stop)
-        self._requests[request_id] = _Request(seq, text, IncrementalDetokenizer(self.tokenizer, stop))
+        self._requests[request_id] = _Request(seq, text, IncrementalDetokenizer(self.tokenizer, stop, token_ids))
         self.stats.prompt_tokens += len(token_ids)
         return request_id
 

@@ -103,7 +103,8 @@ def test_text_is_the_decode_of_the_generated_ids(llm, params):
 
 
 def test_stop_string_cuts_the_decoded_text(llm):
-    full = llm.generate("The capital of France is", SamplingParams(temperature=0, max_tokens=24))[0]
+    prompt = "The capital of France is"
+    full = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=24))[0]
     stop = full.text[5:8]
-    out = llm.generate("The capital of France is", SamplingParams(temperature=0, max_tokens=24, stop=[stop]))[0]
+    out = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=24, stop=[stop]))[0]
     assert out.finish_reason == "stop" and out.text == full.text[: full.text.index(stop)]

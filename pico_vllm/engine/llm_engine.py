@@ -87,8 +87,8 @@ class LLMEngine:
         seq = Sequence(request_id, token_ids, params)
         self.scheduler.add_sequence(seq)  # rejects what can never fit, before anything is kept
         text = prompt if isinstance(prompt, str) else None
-        stop = list(params.stop)
-        self._requests[request_id] = _Request(seq, text, IncrementalDetokenizer(self.tokenizer, stop, token_ids))
+        detokenizer = IncrementalDetokenizer(self.tokenizer, list(params.stop), token_ids)
+        self._requests[request_id] = _Request(seq, text, detokenizer)
         self.stats.prompt_tokens += len(token_ids)
         return request_id
 

@@ -52,6 +52,16 @@ class LLM:
 
     def apply_chat_template(self, messages: list[dict[str, str]]) -> list[int]:
         """Token ids of ``messages`` rendered with the tokenizer's chat template."""
+        if not isinstance(messages, (list, tuple)) or not messages:
+            raise ValueError(
+                'messages must be a non-empty list of {"role": ..., "content": ...} dicts, got '
+                f"{type(messages).__name__}"
+            )
+        for i, message in enumerate(messages):
+            if not isinstance(message, dict) or not {"role", "content"} <= set(message):
+                raise ValueError(f'message {i} must be a dict with "role" and "content", got {message!r:.80}')
+            if not isinstance(message["role"], str) or not isinstance(message["content"], str):
+                raise ValueError(f'message {i}: "role" and "content" must be strings')
         if getattr(self.tokenizer, "chat_template", None) is None:
             raise ValueError("this model's tokenizer has no chat template")
         return list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True))
@@ -60,6 +70,11 @@ class LLM:
         prompts = _as_list(prompts)
         if sampling_params is None or isinstance(sampling_params, SamplingParams):
             params = [sampling_params or SamplingParams()] * len(prompts)
+        elif not isinstance(sampling_params, (list, tuple)):
+            raise TypeError(
+                "sampling_params must be a SamplingParams or a list of them, got "
+                f"{type(sampling_params).__name__} (e.g. SamplingParams(max_tokens=4))"
+            )
         else:
             params = list(sampling_params)
             if len(params) != len(prompts):
@@ -92,8 +107,13 @@ class LLM:
 
 def _as_list(prompts: Prompts) -> list[Prompt]:
     """One prompt (text or token ids) or a list of them -> a list of prompts."""
-    if isinstance(prompts, str):
+    if isinstance(prompts, (str, dict)):
         return [prompts]
+    if not isinstance(prompts, (list, tuple)):
+        raise TypeError(
+            "prompts must be a str, a list of token ids, a prompt dict or a list of those, got "
+            f"{type(prompts).__name__}"
+        )
     prompts = list(prompts)
     if prompts and all(isinstance(t, int) for t in prompts):
         return [prompts]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from numbers import Integral, Real
 
@@ -67,7 +68,8 @@ class SamplingParams:
         self.stop_token_ids = [int(t) for t in self.stop_token_ids]
         for name in _FLOAT_FIELDS:  # a string or None would otherwise fail with a TypeError
             value = getattr(self, name)
-            _check(isinstance(value, Real) and not isinstance(value, bool), name, "a number", value)
+            _check(isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(value),
+                   name, "a finite number", value)
         _check(self.temperature >= 0, "temperature", ">= 0", self.temperature)
         _check(0 < self.top_p <= 1, "top_p", "in (0, 1]", self.top_p)
         _check(_is_int(self.top_k) and self.top_k >= 0, "top_k", ">= 0 (0 = off)", self.top_k)
@@ -82,8 +84,8 @@ class SamplingParams:
         _check(_is_int(self.min_tokens) and 0 <= self.min_tokens <= self.max_tokens,
                "min_tokens", "in [0, max_tokens]", self.min_tokens)
         _check(self.seed is None or _is_int(self.seed), "seed", "an int or None", self.seed)
-        _check(self.logprobs is None or (_is_int(self.logprobs) and self.logprobs >= 0),
-               "logprobs", "None or an int >= 0", self.logprobs)
+        _check(self.logprobs is None or (_is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS),
+               "logprobs", f"None or an int in [0, {MAX_LOGPROBS}]", self.logprobs)
         # Plain Python numbers from here on, even when given numpy scalars.
         for name in _FLOAT_FIELDS:
             setattr(self, name, float(getattr(self, name)))
@@ -105,6 +107,8 @@ def _check(ok: bool, name: str, expected: str, value: object) -> None:
 def _is_int(value: object) -> bool:
     return isinstance(value, Integral) and not isinstance(value, bool)  # True is an int in Python
 
+
+MAX_LOGPROBS = 20  # top-n per token, as vLLM's default max_logprobs
 
 _FLOAT_FIELDS = ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty",
                  "frequency_penalty")

@@ -48,6 +48,9 @@ def assert_serves(llm: LLM) -> None:
         ([1, 2, 10**6], GREEDY, "outside the vocabulary"),
         ([1] * 300, GREEDY, "max_model_len"),
         ([1] * 200, SamplingParams(max_tokens=100), "max_model_len"),
+        ([5, 6], SamplingParams(stop_token_ids=[10**9]), r"stop_token_ids \[1000000000\] are outside"),
+        ({"text": "Hi"}, GREEDY, "a prompt dict must have exactly one key, 'prompt'"),
+        (3.5, GREEDY, "prompt must be a str, a list of token ids or a prompt dict, got float"),
     ],
 )
 def test_bad_request_is_rejected_and_engine_keeps_serving(llm, prompt, params, error):
@@ -64,11 +67,39 @@ def test_bad_request_is_rejected_and_engine_keeps_serving(llm, prompt, params, e
         (dict(top_p=0.0), r"top_p must be in \(0, 1\], got 0.0"),
         (dict(top_p=1.5), r"top_p must be in \(0, 1\], got 1.5"),
         (dict(stop=42), "stop must be a str or a list of str, got 42"),
+        (dict(temperature=float("inf")), "temperature must be a finite number, got inf"),
+        (dict(repetition_penalty=float("nan")), "repetition_penalty must be a finite number, got nan"),
+        (dict(logprobs=10**6), r"logprobs must be None or an int in \[0, 20\], got 1000000"),
     ],
 )
 def test_bad_sampling_params_raise_naming_the_field(llm, kwargs, error):
     with pytest.raises(ValueError, match=error):
         llm.generate([1, 2], SamplingParams(**kwargs))
+    assert_serves(llm)
+
+
+def test_vllm_prompt_dicts_are_prompts(llm):
+    by_text = llm.generate("Hi", GREEDY)[0]
+    by_dict = llm.generate({"prompt": "Hi"}, GREEDY)[0]
+    by_ids = llm.generate([{"prompt_token_ids": by_text.prompt_token_ids}], GREEDY)[0]
+    assert by_dict.token_ids == by_ids.token_ids == by_text.token_ids
+    assert by_dict.prompt == "Hi" and by_dict.prompt_token_ids == by_text.prompt_token_ids
+
+
+@pytest.mark.parametrize(
+    "call,error",
+    [
+        (lambda llm: llm.generate(None), "prompts must be a str, .* got NoneType"),
+        (lambda llm: llm.generate("Hi", {"max_tokens": 4}),
+         "sampling_params must be a SamplingParams or a list of them, got dict"),
+        (lambda llm: llm.apply_chat_template("hello"), "messages must be a non-empty list"),
+        (lambda llm: llm.apply_chat_template([{"content": "hi"}]),
+         'message 0 must be a dict with "role" and "content"'),
+    ],
+)
+def test_wrong_types_at_the_front_door_name_the_problem(llm, call, error):
+    with pytest.raises((TypeError, ValueError), match=error):
+        call(llm)
     assert_serves(llm)
 
 

@@ -10,10 +10,10 @@ from pico_vllm.sampling_params import SamplingParams
     "kwargs,message",
     [
         (dict(temperature=-1), "temperature must be >= 0, got -1"),
-        (dict(temperature=float("nan")), "temperature must be >= 0, got nan"),
-        (dict(temperature="hot"), "temperature must be a number, got 'hot'"),
-        (dict(top_p=None), "top_p must be a number, got None"),
-        (dict(min_p=True), "min_p must be a number, got True"),
+        (dict(temperature=float("nan")), "temperature must be a finite number, got nan"),
+        (dict(temperature="hot"), "temperature must be a finite number, got 'hot'"),
+        (dict(top_p=None), "top_p must be a finite number, got None"),
+        (dict(min_p=True), "min_p must be a finite number, got True"),
         (dict(top_p=0), r"top_p must be in \(0, 1\], got 0"),
         (dict(top_p=1.01), r"top_p must be in \(0, 1\], got 1.01"),
         (dict(top_k=-1), r"top_k must be >= 0 \(0 = off\), got -1"),
@@ -32,7 +32,7 @@ from pico_vllm.sampling_params import SamplingParams
         (dict(stop_token_ids=[-1]), r"stop_token_ids must be a list of non-negative ints, got \[-1\]"),
         (dict(stop_token_ids=7), "stop_token_ids must be a list of non-negative ints, got 7"),
         (dict(seed="x"), "seed must be an int or None, got 'x'"),
-        (dict(logprobs=-1), "logprobs must be None or an int >= 0, got -1"),
+        (dict(logprobs=-1), r"logprobs must be None or an int in \[0, 20\], got -1"),
     ],
 )
 def test_invalid_values_name_the_field(kwargs, message):

@@ -21,7 +21,8 @@ from pico_vllm.loader import LoadedModel, load
 from pico_vllm.outputs import RequestOutput
 from pico_vllm.sampling_params import SamplingParams
 
-Prompt = str | list[int]
+Prompt = str | list[int] | dict
+"""Text, token ids, or vLLM's ``{"prompt": text}`` / ``{"prompt_token_ids": ids}``."""
 
 
 @dataclass
@@ -84,9 +85,16 @@ class LLMEngine:
         if request_id in self._requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
         token_ids = self._tokenize(prompt)
+        bad_stops = [t for t in params.stop_token_ids if t >= self.vocab_size]
+        if bad_stops:
+            raise ValueError(
+                f"stop_token_ids {bad_stops[:5]} are outside the vocabulary [0, {self.vocab_size})"
+            )
         seq = Sequence(request_id, token_ids, params)
         self.scheduler.add_sequence(seq)  # rejects what can never fit, before anything is kept
         text = prompt if isinstance(prompt, str) else None
+        if isinstance(prompt, dict):
+            text = prompt.get("prompt")
         detokenizer = IncrementalDetokenizer(self.tokenizer, list(params.stop), token_ids)
         self._requests[request_id] = _Request(seq, text, detokenizer)
         self.stats.prompt_tokens += len(token_ids)
@@ -196,6 +204,17 @@ class LLMEngine:
         )
 
     def _tokenize(self, prompt: Prompt) -> list[int]:
+        if isinstance(prompt, dict):
+            keys = set(prompt)
+            if keys == {"prompt"}:
+                prompt = prompt["prompt"]
+            elif keys == {"prompt_token_ids"}:
+                prompt = prompt["prompt_token_ids"]
+            else:
+                raise ValueError(
+                    "a prompt dict must have exactly one key, 'prompt' (text) or "
+                    f"'prompt_token_ids' (a list of ints); got keys {sorted(keys)}"
+                )
         if isinstance(prompt, str):
             if not prompt:
                 raise ValueError("prompt is empty")
@@ -203,7 +222,10 @@ class LLMEngine:
         if not isinstance(prompt, (list, tuple)) or not all(
             isinstance(t, int) and not isinstance(t, bool) for t in prompt
         ):
-            raise ValueError(f"prompt must be a str or a list of token ids, got {prompt!r:.80}")
+            raise ValueError(
+                f"prompt must be a str, a list of token ids or a prompt dict, got "
+                f"{type(prompt).__name__} {prompt!r:.80}"
+            )
         if not prompt:
             raise ValueError("prompt is empty")
         bad = [t for t in prompt if not 0 <= t < self.vocab_size]

@@ -1,55 +1,127 @@
-"""``pico-vllm generate`` streams a generation to the terminal and reports throughput;
-``pico-vllm bench`` runs the benchmark sandbox (see ``pico_vllm/bench.py``)."""
+"""``pico-vllm generate`` streams a generation to the terminal and reports its timing like
+``mlx_lm.generate``; ``pico-vllm bench`` runs the benchmark sandbox (see ``pico_vllm/bench.py``).
+The engine flags of both are generated from :class:`EngineConfig`'s fields and docstring."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import os
+import re
 import sys
 import time
+from pathlib import Path
 
+from pico_vllm import __version__
 from pico_vllm.config import EngineConfig
-from pico_vllm.llm import LLM
-from pico_vllm.sampling_params import SamplingParams
+from pico_vllm.sampling_params import MAX_LOGPROBS, SamplingParams
+
+# Debian's OpenBLAS: fp32 matmuls ~20x faster than the reference BLAS in the mlx[cpu] wheel.
+OPENBLAS_PATHS = ("/usr/lib/x86_64-linux-gnu/libopenblas.so.0", "/usr/lib/aarch64-linux-gnu/libopenblas.so.0")
+NO_OPENBLAS_ENV = "PICO_VLLM_NO_OPENBLAS"  # set to 1 to keep the wheel's BLAS
+REEXEC_ENV = "PICO_VLLM_REEXECUTED"  # set in the re-executed process: never loop
+
+# Engine fields the CLI does not expose as flags: --model is its own flag; --seed seeds requests.
+_NOT_FLAGS = {"model", "seed"}
+_CHOICES = {"dtype": ["auto", "float32", "float16", "bfloat16"], "block_size": [8, 16, 32],
+            "capture_graphs": ["lazy", "eager"]}
+
+
+def openblas_preload(environ: dict[str, str], platform: str = sys.platform) -> str | None:
+    """The ``LD_PRELOAD`` to re-execute with so that MLX uses Debian's OpenBLAS, or None when it
+    is loaded already, missing, not Linux, or switched off."""
+    if platform != "linux" or environ.get(NO_OPENBLAS_ENV) or environ.get(REEXEC_ENV):
+        return None
+    path = next((p for p in OPENBLAS_PATHS if os.path.exists(p)), None)
+    preload = environ.get("LD_PRELOAD", "")
+    if path is None or path in preload.split(":"):
+        return None
+    return f"{preload}:{path}" if preload else path
+
+
+def reexec_with_openblas(argv: list[str]) -> None:
+    """Replace this process by ``argv`` with OpenBLAS preloaded, when that applies (Linux)."""
+    preload = openblas_preload(dict(os.environ))
+    if preload is not None:
+        os.execve(argv[0], argv, {**os.environ, "LD_PRELOAD": preload, REEXEC_ENV: "1"})
+    if sys.platform == "linux" and not any(os.path.exists(p) for p in OPENBLAS_PATHS) \
+            and not os.environ.get(NO_OPENBLAS_ENV):
+        print("pico-vllm: Debian's OpenBLAS is not installed, so MLX's fp32 matmuls run ~20x slower "
+              "(apt-get install libopenblas0-pthread; set PICO_VLLM_NO_OPENBLAS=1 to hide this)",
+              file=sys.stderr)
+
+
+def _field_help() -> dict[str, str]:
+    """Each EngineConfig attribute's description, from its docstring (one source of truth)."""
+    doc = EngineConfig.__doc__.split("Attributes:", 1)[1]
+    helps: dict[str, str] = {}
+    for match in re.finditer(r"^ {8}(\w+): (.*?)(?=^ {8}\w+: |\Z)", doc, re.S | re.M):
+        helps[match[1]] = " ".join(match[2].split()).replace("``", "").replace("%", "%%")
+    return helps
+
+
+def add_engine_flags(parser: argparse.ArgumentParser) -> None:
+    """A flag for every EngineConfig field: ``--block-size``, ``--no-prefix-caching``, ..."""
+    helps = _field_help()
+    for field in dataclasses.fields(EngineConfig):
+        if field.name in _NOT_FLAGS:
+            continue
+        name = field.name.replace("_", "-")
+        if field.type == "bool":
+            if field.default:  # on by default: the flag switches it off
+                parser.add_argument(f"--no-{name.removeprefix('enable-')}", dest=field.name,
+                                    action="store_false", help=helps[field.name])
+            else:
+                parser.add_argument(f"--{name}", action="store_true", help=helps[field.name])
+            continue
+        kind = str if field.type == "str" else int
+        parser.add_argument(f"--{name}", type=kind, default=field.default,
+                            choices=_CHOICES.get(field.name), help=helps[field.name])
+
+
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    """The validated EngineConfig the flags describe (raises before any model is loaded)."""
+    names = {f.name for f in dataclasses.fields(EngineConfig)} - _NOT_FLAGS
+    return EngineConfig(model=args.model, **{n: getattr(args, n) for n in names})
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pico-vllm", description=__doc__)
+    defaults = argparse.ArgumentDefaultsHelpFormatter
+    parser = argparse.ArgumentParser(prog="pico-vllm", description=__doc__, formatter_class=defaults)
+    parser.add_argument("--version", action="version", version=f"pico-vllm {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
-    gen = commands.add_parser("generate", help="generate text from a prompt")
-    gen.add_argument("--model", default=None,
-                     help="HF id, local HF folder or .gguf file (default: embedded SmolLM2-135M)")
-    gen.add_argument("--prompt", default="Hello, my name is", help="the prompt text")
+    model_help = "HF id, local HF folder or .gguf file (default: the embedded SmolLM2-135M-Instruct)"
+
+    gen = commands.add_parser("generate", help="generate text from a prompt", formatter_class=defaults)
+    gen.add_argument("--model", default=None, help=model_help)
+    prompt = gen.add_mutually_exclusive_group()
+    prompt.add_argument("--prompt", default="Hello, my name is", help="the prompt text")
+    prompt.add_argument("--prompt-file", default=None, help="read the prompt from a file ('-': stdin)")
     gen.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template")
-    gen.add_argument("--max-tokens", type=int, default=128)
+    gen.add_argument("--system", default=None, help="system message (with --chat)")
+    gen.add_argument("--max-tokens", type=int, default=128, help="most tokens to generate")
+    gen.add_argument("--min-tokens", type=int, default=0, help="no EOS or stop token before this many")
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    gen.add_argument("--top-p", type=float, default=1.0)
-    gen.add_argument("--top-k", type=int, default=0)
-    gen.add_argument("--min-p", type=float, default=0.0)
-    gen.add_argument("--repetition-penalty", type=float, default=1.0)
-    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
+    gen.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
+    gen.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min_p x the best")
+    gen.add_argument("--repetition-penalty", type=float, default=1.0, help="HF-style, over prompt + output")
+    gen.add_argument("--presence-penalty", type=float, default=0.0, help="OpenAI-style, over the output")
+    gen.add_argument("--frequency-penalty", type=float, default=0.0, help="OpenAI-style, over the output")
     gen.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    gen.add_argument("--ignore-eos", action="store_true", help="keep generating past EOS")
+    gen.add_argument("--logprobs", type=int, default=None,
+                     help=f"print each streamed token's top-n log-probabilities (n <= {MAX_LOGPROBS})")
+    gen.add_argument("--seed", type=int, default=None, help="sampling seed (request i uses seed + i)")
     gen.add_argument("--num-requests", type=int, default=1,
-                     help="run this many copies of the request concurrently (request i uses seed+i); "
-                          "the first one is streamed")
-    gen.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
-    gen.add_argument("--block-size", type=int, default=16)
-    gen.add_argument("--num-blocks", type=int, default=None)
-    gen.add_argument("--max-num-seqs", type=int, default=64)
-    gen.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    gen.add_argument("--max-model-len", type=int, default=None)
-    gen.add_argument("--no-prefix-caching", action="store_true")
-    gen.add_argument("--enforce-eager", action="store_true",
-                     help="run decode steps eagerly instead of through captured graphs")
-    gen.add_argument("--capture-graphs", default="lazy", choices=["lazy", "eager"],
-                     help="trace each decode graph on first use (lazy) or all at start-up (eager)")
-    gen.add_argument("--no-async-scheduling", action="store_true",
-                     help="read every step back before queueing the next")
+                     help="run this many copies of the request concurrently; the first is streamed")
+    add_engine_flags(gen)
 
     from pico_vllm.bench import ENGINES, WORKLOADS
 
-    bench = commands.add_parser("bench", help="benchmark pico-vllm against mlx-lm on named workloads")
-    bench.add_argument("--model", default=None,
-                       help="HF id, local HF folder or .gguf file (default: embedded SmolLM2-135M)")
+    bench = commands.add_parser("bench", help="benchmark pico-vllm against mlx-lm on named workloads",
+                                formatter_class=defaults)
+    bench.add_argument("--model", default=None, help=model_help)
     bench.add_argument("--workload", action="append", choices=WORKLOADS, default=None,
                        help="workload to run (repeatable; default: all)")
     bench.add_argument("--engine", action="append", choices=ENGINES, default=None,
@@ -64,53 +136,97 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def generate(args: argparse.Namespace) -> None:
-    config = EngineConfig(
-        model=args.model, dtype=args.dtype, block_size=args.block_size, num_blocks=args.num_blocks,
-        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-        max_model_len=args.max_model_len, enable_prefix_caching=not args.no_prefix_caching,
-        enforce_eager=args.enforce_eager, capture_graphs=args.capture_graphs,
-        async_scheduling=not args.no_async_scheduling,
-    )
+class _Terminal:
+    """stdout that remembers whether its last line is unfinished, so errors and the end of a
+    run start on a line of their own."""
+
+    def __init__(self) -> None:
+        self.open_line = False
+
+    def write(self, text: str) -> None:
+        if text:
+            print(text, end="", flush=True)
+            self.open_line = not text.endswith("\n")
+
+    def end_line(self) -> None:
+        if self.open_line:
+            print(flush=True)
+            self.open_line = False
+
+
+def generate(args: argparse.Namespace, terminal: _Terminal) -> None:
+    # Everything the user typed is checked before the model loads (which takes seconds).
+    if args.num_requests < 1:
+        raise ValueError(f"--num-requests must be >= 1, got {args.num_requests}")
+    if args.system is not None and not args.chat:
+        raise ValueError("--system needs --chat")
+    params = [
+        SamplingParams(
+            temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
+            repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
+            frequency_penalty=args.frequency_penalty, max_tokens=args.max_tokens,
+            min_tokens=args.min_tokens, stop=args.stop, ignore_eos=args.ignore_eos,
+            logprobs=args.logprobs, seed=None if args.seed is None else args.seed + i,
+        )
+        for i in range(args.num_requests)
+    ]
+    config = engine_config(args)
+    text = args.prompt
+    if args.prompt_file is not None:
+        text = sys.stdin.read() if args.prompt_file == "-" else Path(args.prompt_file).read_text()
+    if not text:
+        raise ValueError("the prompt is empty")
+
+    import mlx.core as mx
+
+    from metal_kernels import metal_available
+    from pico_vllm.llm import LLM
+
+    if config.dtype in ("float16", "bfloat16") and not metal_available():
+        print(f"pico-vllm: warning: {config.dtype} on the CPU is ~27x slower than float32 "
+              "(--dtype auto picks float32 here)", file=sys.stderr)
     started = time.perf_counter()
     llm = LLM(**vars(config))
     print(f"[pico-vllm] loaded {config.model or 'embedded SmolLM2-135M-Instruct'} in "
           f"{time.perf_counter() - started:.1f}s", file=sys.stderr)
-    prompt = (llm.apply_chat_template([{"role": "user", "content": args.prompt}])
-              if args.chat else args.prompt)
-    if args.num_requests < 1:
-        raise ValueError(f"--num-requests must be >= 1, got {args.num_requests}")
-    params = [
-        SamplingParams(
-            temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
-            repetition_penalty=args.repetition_penalty, max_tokens=args.max_tokens, stop=args.stop,
-            seed=None if args.seed is None else args.seed + i,
-        )
-        for i in range(args.num_requests)
-    ]
-    if not args.chat:
-        print(args.prompt, end="", flush=True)
+    prompt = text
+    if args.chat:
+        messages = [{"role": "system", "content": args.system}] if args.system else []
+        prompt = llm.apply_chat_template(messages + [{"role": "user", "content": text}])
+
     stats = llm.engine.stats
-    before = (stats.prompt_tokens, stats.generated_tokens)
+    prompt_before, generated_before = stats.prompt_tokens, stats.generated_tokens
+    mx.reset_peak_memory()
     started = time.perf_counter()
-    first = None
-    for out in llm.stream([prompt] * args.num_requests, params):
-        first = first or out.request_id
-        if out.request_id == first:
-            print(out.delta_text, end="", flush=True)
+    first_token_at = None
+    streamed = None
+    for out in llm.stream([prompt] * args.num_requests, params):  # bad requests raise here, first
+        if first_token_at is None:
+            first_token_at = time.perf_counter() - started
+            if not args.chat:
+                terminal.write(text)
+        streamed = streamed or out.request_id
+        if out.request_id == streamed:
+            terminal.write(out.delta_text)
+            if args.logprobs is not None and out.top_logprobs:
+                for top in out.top_logprobs[len(out.top_logprobs) - len(out.delta_token_ids):]:
+                    print("  " + ", ".join(f"{t}:{lp:.3f}" for t, lp in top), file=sys.stderr)
+    terminal.end_line()
     elapsed = time.perf_counter() - started
-    generated = stats.generated_tokens - before[1]
-    print(
-        f"\n[pico-vllm] {args.num_requests} request(s): {stats.prompt_tokens - before[0]} prompt + "
-        f"{generated} generated tokens in {elapsed:.2f}s = {generated / elapsed:.1f} tok/s "
-        f"(cached prompt tokens: {stats.cached_prompt_tokens}, preemptions: {stats.preemptions})",
-        file=sys.stderr,
-    )
+    prompt_tokens = stats.prompt_tokens - prompt_before
+    generated = stats.generated_tokens - generated_before
+    decode_time = max(elapsed - first_token_at, 1e-9)
+    print("==========", file=sys.stderr)
+    print(f"Prompt: {prompt_tokens} tokens, {prompt_tokens / first_token_at:.1f} tokens-per-sec "
+          f"({args.num_requests} request(s); {stats.cached_prompt_tokens} from the prefix cache)",
+          file=sys.stderr)
+    print(f"Generation: {generated} tokens, {(generated - args.num_requests) / decode_time:.1f} "
+          f"tokens-per-sec", file=sys.stderr)
+    print(f"Time to first token: {first_token_at:.3f} s", file=sys.stderr)
+    print(f"Peak memory: {mx.get_peak_memory() / 1e9:.3f} GB", file=sys.stderr)
 
 
 def run_bench(args: argparse.Namespace) -> None:
-    from pathlib import Path
-
     from pico_vllm.bench import ENGINES, WORKLOADS, benchmark, format_table, save
 
     default_rates = "1,2" if args.quick else "0.5,1,2,4"
@@ -134,15 +250,24 @@ def run_bench(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The ``pico-vllm`` entry point; returns the exit status (2: bad input, 130: Ctrl-C)."""
+    if argv is None:  # run as a program (not from Python): make sure OpenBLAS is in use
+        reexec_with_openblas([sys.executable, "-m", "pico_vllm.cli", *sys.argv[1:]])
     args = build_parser().parse_args(argv)
+    terminal = _Terminal()
     try:
         if args.command == "generate":
-            generate(args)
+            generate(args, terminal)
         elif args.command == "bench":
             run_bench(args)
     except (ValueError, FileNotFoundError) as e:
+        terminal.end_line()
         print(f"pico-vllm: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        terminal.end_line()  # the partial output stays on screen
+        print("[pico-vllm] interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

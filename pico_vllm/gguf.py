@@ -56,7 +56,10 @@ def load_gguf(path: str | Path) -> tuple[dict, dict[str, mx.array], TokenizerWra
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"GGUF file not found: {path}")
-    tensors, meta = mx.load(str(path), return_metadata=True)
+    try:
+        tensors, meta = mx.load(str(path), return_metadata=True)
+    except (RuntimeError, ValueError) as e:  # MLX: "[load_gguf] gguf_init failed" and the like
+        raise ValueError(f"{path} is not a readable GGUF file ({e})") from None
     arch = meta.get("general.architecture")
     if arch != "llama":
         raise ValueError(f"unsupported GGUF architecture {arch!r}; supported: llama")

@@ -19,6 +19,7 @@ class LLM:
     >>> llm = LLM()                          # the embedded SmolLM2-135M-Instruct
     >>> out = llm.generate(["Hello", [1, 2, 3]], SamplingParams(temperature=0, max_tokens=8))
     >>> out[0].text, out[0].token_ids, out[0].finish_reason
+    >>> llm.chat([{"role": "user", "content": "Hi!"}], SamplingParams(temperature=0))[0].text
 
     Keyword arguments are :class:`EngineConfig` fields (``block_size``, ``num_blocks``, ...).
     """
@@ -31,13 +32,20 @@ class LLM:
         """The model's tokenizer (mlx-lm ``TokenizerWrapper``)."""
         return self.engine.tokenizer
 
-    def generate(self, prompts: Prompts, sampling_params: Params = None) -> list[RequestOutput]:
-        """Run every prompt to completion; returns their final outputs in prompt order."""
+    def generate(
+        self, prompts: Prompts, sampling_params: Params = None, use_tqdm: bool = True
+    ) -> list[RequestOutput]:
+        """Run every prompt to completion; returns their final outputs in prompt order.
+        ``use_tqdm`` shows a progress bar over finished prompts (on stderr), as vLLM does."""
+        from tqdm import tqdm
+
         final: dict[str, RequestOutput] = {}
         ids = self._add(prompts, sampling_params)
-        for out in self._run(ids):
-            if out.finished:
-                final[out.request_id] = out
+        with tqdm(total=len(ids), desc="Processed prompts", disable=not use_tqdm) as bar:
+            for out in self._run(ids):
+                if out.finished:
+                    final[out.request_id] = out
+                    bar.update(1)
         return [final[i] for i in ids]
 
     def stream(self, prompts: Prompts, sampling_params: Params = None) -> Iterator[RequestOutput]:
@@ -45,10 +53,16 @@ class LLM:
         yield from self._run(self._add(prompts, sampling_params))
 
     def chat(
-        self, messages: list[dict[str, str]], sampling_params: SamplingParams | None = None
-    ) -> RequestOutput:
-        """Answer one conversation (``[{"role": ..., "content": ...}]``) via the chat template."""
-        return self.generate([self.apply_chat_template(messages)], sampling_params)[0]
+        self,
+        messages: list[dict[str, str]] | list[list[dict[str, str]]],
+        sampling_params: Params = None,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        """Answer one conversation (``[{"role": ..., "content": ...}, ...]``) or a list of them
+        through the chat template; returns one output per conversation, as vLLM does."""
+        conversations = messages if messages and isinstance(messages[0], list) else [messages]
+        prompts = [self.apply_chat_template(c) for c in conversations]
+        return self.generate(prompts, sampling_params, use_tqdm)
 
     def apply_chat_template(self, messages: list[dict[str, str]]) -> list[int]:
         """Token ids of ``messages`` rendered with the tokenizer's chat template."""

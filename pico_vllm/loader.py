@@ -41,7 +41,13 @@ def load(model: str | None = None, dtype: str = "auto") -> LoadedModel:
     if not path.exists():
         if _looks_like_path(model):
             raise FileNotFoundError(f"model path does not exist: {model}")
-        path = _download(model)
+        try:
+            path = _download(model)
+        except Exception as e:  # offline, unknown repo, gated, ...: one line that names the model
+            raise FileNotFoundError(
+                f"model {model!r} is not a local path and could not be downloaded from the Hugging "
+                f"Face Hub (offline?): {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            ) from None
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"no config.json in model folder {path}")
     net, config = load_model_dir(path, dtype)
@@ -67,9 +73,10 @@ def _generation_config(folder: Path | None) -> dict:
 
 
 def _looks_like_path(model: str) -> bool:
-    """A hub id is exactly ``org/name``; anything else that doesn't exist is a missing path."""
+    """A hub id is ``org/name`` or a bare ``name`` (``gpt2``); anything else that doesn't exist is
+    a missing path."""
     parts = model.split("/")
-    return model.startswith(("/", ".", "~")) or len(parts) != 2 or not all(parts)
+    return model.startswith(("/", ".", "~")) or len(parts) > 2 or not all(parts)
 
 
 def _download(repo_id: str) -> Path:

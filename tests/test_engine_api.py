@@ -8,7 +8,6 @@ import pytest
 from model_factory import make_random_model
 
 from pico_vllm import LLM, EngineConfig, LLMEngine, SamplingParams
-from pico_vllm.cli import main as cli_main
 
 GREEDY = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
 
@@ -196,21 +195,13 @@ def test_logprobs_are_returned_per_token(llm):
         assert len(top) == 3 and lp <= 0
 
 
-def test_cli_generate_streams_text(model_dir, capsys):
-    code = cli_main(["generate", "--model", str(model_dir), "--prompt", "Hi", "--max-tokens", "5",
-                     "--num-requests", "3", "--num-blocks", "32"])
-    captured = capsys.readouterr()
-    assert code == 0
-    assert captured.out.startswith("Hi")
-    assert "3 request(s)" in captured.err and "tok/s" in captured.err
-
-
-def test_cli_reports_bad_input_cleanly(model_dir, capsys):
-    code = cli_main(["generate", "--model", str(model_dir), "--max-tokens", "0"])
-    assert code == 2
-    assert "max_tokens must be >= 1" in capsys.readouterr().err
-
-
 def test_engine_config_validation():
     with pytest.raises(ValueError, match="block_size must be 8, 16 or 32, got 12"):
         EngineConfig(block_size=12)
+
+
+def test_generate_shows_a_progress_bar_unless_told_not_to(llm, capsys):
+    llm.generate([[1, 2], [3, 4]], GREEDY)
+    assert "Processed prompts" in capsys.readouterr().err
+    llm.generate([[1, 2], [3, 4]], GREEDY, use_tqdm=False)
+    assert "Processed prompts" not in capsys.readouterr().err

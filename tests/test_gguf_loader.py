@@ -65,10 +65,30 @@ def test_missing_gguf_file(tmp_path):
         load(str(tmp_path / "missing.gguf"))
 
 
-@pytest.mark.parametrize("name", ["./no/such/dir", "/abs/missing", "~/missing-model", "plainname"])
-def test_missing_local_paths_never_reach_the_hub(name):
+@pytest.mark.parametrize("name", ["./no/such/dir", "/abs/missing", "~/missing-model", "a/b/c"])
+def test_missing_local_paths_never_reach_the_hub(name, monkeypatch):
+    monkeypatch.setattr("pico_vllm.loader._download", lambda _: pytest.fail("asked the hub"))
     with pytest.raises(FileNotFoundError, match="model path does not exist"):
         load(name)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "org/model"])
+def test_hub_ids_that_cannot_be_downloaded_say_so_in_one_line(name, monkeypatch):
+    def offline(repo_id):
+        raise ConnectionError(f"Cannot reach https://huggingface.co/{repo_id}\n(traceback...)")
+
+    monkeypatch.setattr("pico_vllm.loader._download", offline)
+    with pytest.raises(FileNotFoundError, match=rf"model '{name}' is not a local path and could not "
+                                                r"be downloaded .*\(offline\?\): ConnectionError: "
+                                                rf"Cannot reach https://huggingface.co/{name}$"):
+        load(name)
+
+
+def test_a_corrupt_gguf_file_is_one_clear_error(tmp_path):
+    bad = tmp_path / "model.gguf"
+    bad.write_bytes(b"this is not a gguf file" * 10)
+    with pytest.raises(ValueError, match=r"model.gguf is not a readable GGUF file \("):
+        load(str(bad))
 
 
 def test_folder_without_config(tmp_path):

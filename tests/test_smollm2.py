@@ -62,10 +62,12 @@ def test_batched_greedy_equals_mlx_lm(llm, mlx_lm_model):
 
 
 def test_chat_prompt_answers_readably(llm):
-    out = llm.chat(
-        [{"role": "user", "content": "What is the capital of France?"}],
-        SamplingParams(temperature=0, max_tokens=24),
-    )
+    question = [{"role": "user", "content": "What is the capital of France?"}]
+    outs = llm.chat(question, SamplingParams(temperature=0, max_tokens=24))
+    assert len(outs) == 1
+    out = outs[0]
+    two = llm.chat([question, question], SamplingParams(temperature=0, max_tokens=24), use_tqdm=False)
+    assert [o.text for o in two] == [out.text, out.text]  # a list of conversations, as vLLM takes
     assert "Paris" in out.text
     assert out.text.isprintable() or "\n" in out.text
     assert out.finish_reason in ("stop", "length")
@@ -80,6 +82,7 @@ def test_cli_streams_the_embedded_model_with_chat(capsys):
     assert code == 0
     assert "Paris" in captured.out
     assert "embedded SmolLM2-135M-Instruct" in captured.err and "2 request(s)" in captured.err
+    assert "Time to first token" in captured.err
 
 
 @pytest.mark.parametrize("params", [

@@ -178,6 +178,7 @@ def generate(args: argparse.Namespace, terminal: _Terminal) -> None:
         raise ValueError("the prompt is empty")
 
     import mlx.core as mx
+    from tqdm import tqdm
 
     from metal_kernels import metal_available
     from pico_vllm.llm import LLM
@@ -194,23 +195,32 @@ def generate(args: argparse.Namespace, terminal: _Terminal) -> None:
         messages = [{"role": "system", "content": args.system}] if args.system else []
         prompt = llm.apply_chat_template(messages + [{"role": "user", "content": text}])
 
-    stats = llm.engine.stats
+    engine, stats = llm.engine, llm.engine.stats
     prompt_before, generated_before = stats.prompt_tokens, stats.generated_tokens
     mx.reset_peak_memory()
     started = time.perf_counter()
     first_token_at = None
-    streamed = None
-    for out in llm.stream([prompt] * args.num_requests, params):  # bad requests raise here, first
+    streamed = engine.add_request(prompt, params[0])  # a request that can never fit raises here
+    for p in params[1:]:
+        engine.add_request(prompt, p)
+    # A prompt longer than one step's token budget takes several steps: show how far it got.
+    computed, total = engine.prompt_progress(streamed)
+    prefill = tqdm(total=total, desc="prefill", unit="tok", leave=False, file=sys.stderr,
+                   disable=total <= config.max_num_batched_tokens)
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if first_token_at is None:
+                first_token_at = time.perf_counter() - started
+                prefill.close()
+                if not args.chat:
+                    terminal.write(text)
+            if out.request_id == streamed:
+                terminal.write(out.delta_text)
+                if args.logprobs is not None and out.top_logprobs:
+                    for top in out.top_logprobs[len(out.top_logprobs) - len(out.delta_token_ids):]:
+                        print("  " + ", ".join(f"{t}:{lp:.3f}" for t, lp in top), file=sys.stderr)
         if first_token_at is None:
-            first_token_at = time.perf_counter() - started
-            if not args.chat:
-                terminal.write(text)
-        streamed = streamed or out.request_id
-        if out.request_id == streamed:
-            terminal.write(out.delta_text)
-            if args.logprobs is not None and out.top_logprobs:
-                for top in out.top_logprobs[len(out.top_logprobs) - len(out.delta_token_ids):]:
-                    print("  " + ", ".join(f"{t}:{lp:.3f}" for t, lp in top), file=sys.stderr)
+            prefill.update(engine.prompt_progress(streamed)[0] - prefill.n)
     terminal.end_line()
     elapsed = time.perf_counter() - started
     prompt_tokens = stats.prompt_tokens - prompt_before

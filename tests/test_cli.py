@@ -131,3 +131,11 @@ def test_the_entry_point_reexecutes_itself_with_openblas():
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          timeout=60)
     assert "libopenblas" in out.stdout
+
+
+def test_a_prompt_longer_than_one_step_shows_prefill_progress(model_dir, capsys):
+    argv = ["generate", "--model", model_dir, "--max-tokens", "2", "--max-model-len", "256"]
+    assert main([*argv, "--prompt", "x" * 100, "--max-num-batched-tokens", "16"]) == 0
+    assert "prefill" in capsys.readouterr().err
+    assert main([*argv, "--prompt", "x" * 10]) == 0
+    assert "prefill" not in capsys.readouterr().err

@@ -100,6 +100,11 @@ class LLMEngine:
         self.stats.prompt_tokens += len(token_ids)
         return request_id
 
+    def prompt_progress(self, request_id: str) -> tuple[int, int]:
+        """``(prompt tokens computed, prompt tokens)`` of a live request (progress bars)."""
+        seq = self._requests[request_id].seq
+        return min(seq.num_computed_tokens, seq.num_prompt_tokens), seq.num_prompt_tokens
+
     def abort_request(self, request_id: str) -> bool:
         """Stop a request and free its blocks; False if it is unknown or already finished."""
         if self._requests.pop(request_id, None) is None:

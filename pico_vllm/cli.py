@@ -133,6 +133,18 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--max-num-seqs", type=int, default=32,
                        help="concurrent sequences for pico-vllm and mlx-lm's BatchGenerator alike")
     bench.add_argument("--output", default="bench-results", help="folder for results.json and the plots")
+
+    serve = commands.add_parser("serve", help="OpenAI-compatible HTTP server", formatter_class=defaults)
+    serve.add_argument("--model", action="append", default=None,
+                       help=f"{model_help}; repeat to serve several models, each with its own engine")
+    serve.add_argument("--served-model-name", action="append", default=None,
+                       help="the name clients use for each --model, in order (default: the --model value)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind")
+    serve.add_argument("--port", type=int, default=8000, help="port to bind")
+    serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1")
+    serve.add_argument("--max-queue", type=int, default=256,
+                       help="requests per model queued or running; more get 429 with Retry-After")
+    add_engine_flags(serve)
     return parser
 
 
@@ -259,6 +271,39 @@ def run_bench(args: argparse.Namespace) -> None:
     print("wrote " + ", ".join(str(p) for p in paths))
 
 
+def serve(args: argparse.Namespace) -> None:
+    models = args.model or [None]
+    names = args.served_model_name or [m or "pico-vllm-default" for m in models]
+    if len(names) != len(models):
+        raise ValueError(f"got {len(names)} --served-model-name for {len(models)} --model")
+    if args.max_queue < 1:
+        raise ValueError(f"--max-queue must be >= 1, got {args.max_queue}")
+    configs = []
+    for model in models:
+        args.model = model
+        configs.append(engine_config(args))
+
+    import uvicorn
+
+    from pico_vllm.server.app import create_app
+    from pico_vllm.server.async_engine import AsyncEngine
+
+    engines = [AsyncEngine(config, name) for config, name in zip(configs, names)]
+    print(f"[pico-vllm] serving {', '.join(names)} on http://{args.host}:{args.port}/v1", file=sys.stderr)
+    try:
+        uvicorn.run(create_app(engines, args.api_key, args.max_queue), host=args.host, port=args.port,
+                    log_level="warning")
+    finally:
+        for engine in engines:
+            engine.shutdown()
+        # MLX (0.32, Linux) can abort in its exit-time destructors once a worker thread has run
+        # the model under uvicorn ("terminate called without an active exception"); everything
+        # is shut down by now, so leave without running them.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+
+
 def main(argv: list[str] | None = None) -> int:
     """The ``pico-vllm`` entry point; returns the exit status (2: bad input, 130: Ctrl-C)."""
     if argv is None:  # run as a program (not from Python): make sure OpenBLAS is in use
@@ -270,6 +315,8 @@ def main(argv: list[str] | None = None) -> int:
             generate(args, terminal)
         elif args.command == "bench":
             run_bench(args)
+        elif args.command == "serve":
+            serve(args)
     except (ValueError, FileNotFoundError) as e:
         terminal.end_line()
         print(f"pico-vllm: error: {e}", file=sys.stderr)

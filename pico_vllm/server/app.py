@@ -1,0 +1,241 @@
+"""The OpenAI-compatible HTTP API (FastAPI): completions, chat completions, models, health.
+
+Each model has its own :class:`AsyncEngine` (thread, KV pool); a request is routed by its
+``model`` field. Streams are server-sent events ending in ``data: [DONE]``; a client that goes
+away aborts its request at once (its blocks are freed). Errors come back in OpenAI's shape,
+``{"error": {"message", "type", "param", "code"}}``: 400 for invalid input (never FastAPI's 422),
+401 for a missing or wrong API key, 404 for an unknown model, 429 when the queue is full.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Literal
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from pico_vllm.outputs import RequestOutput
+from pico_vllm.sampling_params import SamplingParams
+from pico_vllm.server.async_engine import AsyncEngine
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error",
+                 param: str | None = None, headers: dict | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.kind = status, message, kind
+        self.param, self.headers = param, headers
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class SamplingFields(BaseModel):
+    """What both endpoints take to build ``SamplingParams``."""
+
+    model_config = ConfigDict(extra="ignore")
+    model: str | None = None
+    max_tokens: int | None = None
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    min_tokens: int = 0
+    n: int = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+
+    def sampling_params(self, max_tokens: int | None) -> SamplingParams:
+        if self.n != 1:
+            raise APIError(400, "n must be 1 (several choices per request are not supported yet)",
+                           param="n")
+        return SamplingParams(
+            max_tokens=max_tokens if max_tokens is not None else 16, temperature=self.temperature,
+            top_p=self.top_p, top_k=max(self.top_k, 0), min_p=self.min_p,
+            presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
+            repetition_penalty=self.repetition_penalty, seed=self.seed, stop=self.stop,
+            stop_token_ids=self.stop_token_ids, ignore_eos=self.ignore_eos, min_tokens=self.min_tokens,
+        )
+
+
+class CompletionRequest(SamplingFields):
+    prompt: str | list[int]
+    echo: bool = False
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    role: str
+    content: str | list[TextPart]
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class ChatRequest(SamplingFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = None
+
+
+def create_app(engines: list[AsyncEngine], api_key: str | None = None, max_queue: int = 256) -> FastAPI:
+    """The app serving ``engines`` (the first is the default model)."""
+    app = FastAPI(title="pico-vllm")
+    by_name = {engine.name: engine for engine in engines}
+
+    def error_response(e: APIError) -> JSONResponse:
+        body = {"error": {"message": e.message, "type": e.kind, "param": e.param, "code": e.status}}
+        return JSONResponse(body, status_code=e.status, headers=e.headers)
+
+    @app.exception_handler(APIError)
+    async def on_api_error(_: Request, e: APIError) -> JSONResponse:
+        return error_response(e)
+
+    @app.exception_handler(RequestValidationError)
+    async def on_invalid(_: Request, e: RequestValidationError) -> JSONResponse:
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first["loc"] if p != "body")
+        message = f"{where}: {first['msg']}" if where else f"request body: {first['msg']}"
+        return error_response(APIError(400, message, param=where or None))
+
+    @app.middleware("http")
+    async def check_api_key(request: Request, call_next):
+        if api_key and request.url.path.startswith("/v1"):
+            if request.headers.get("authorization") != f"Bearer {api_key}":
+                return error_response(APIError(401, "missing or wrong API key", "authentication_error"))
+        return await call_next(request)
+
+    def engine_for(model: str | None) -> AsyncEngine:
+        if model is None:
+            return engines[0]
+        if model not in by_name:
+            raise APIError(404, f"model {model!r} is not served here; models: {', '.join(by_name)}",
+                           "not_found_error", "model")
+        return by_name[model]
+
+    def admit(engine: AsyncEngine) -> None:
+        if engine.num_requests >= max_queue:
+            raise APIError(429, f"server is at capacity ({max_queue} requests); retry shortly",
+                           "rate_limit_error", headers={"Retry-After": "1"})
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        return {"object": "list", "data": [
+            {"id": name, "object": "model", "created": 0, "owned_by": "pico-vllm"} for name in by_name
+        ]}
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest):
+        engine = engine_for(body.model)
+        admit(engine)
+        params = _params(body, body.max_tokens)
+        prefix = ""
+        if body.echo:
+            prompt = body.prompt
+            prefix = prompt if isinstance(prompt, str) else engine.tokenizer.decode(prompt)
+        stream = engine.generate(body.prompt, params)
+        return await _respond(body, engine.name, "text_completion", await _first(stream), stream,
+                              lambda out, delta: {"text": delta, "index": 0},
+                              lambda out: {"text": prefix + out.text, "index": 0})
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatRequest):
+        engine = engine_for(body.model)
+        admit(engine)
+        params = _params(body, body.max_completion_tokens or body.max_tokens)
+        tokenizer = engine.tokenizer
+        if getattr(tokenizer, "chat_template", None) is None:
+            raise APIError(400, f"model {engine.name!r} has no chat template", param="messages")
+        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        prompt = list(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+        stream = engine.generate(prompt, params)
+        return await _respond(body, engine.name, "chat.completion", await _first(stream), stream,
+                              lambda out, delta: {"delta": {"content": delta}, "index": 0},
+                              lambda out: {"message": {"role": "assistant", "content": out.text},
+                                           "index": 0})
+
+    return app
+
+
+def _params(body: SamplingFields, max_tokens: int | None) -> SamplingParams:
+    try:
+        return body.sampling_params(max_tokens)
+    except ValueError as e:
+        raise APIError(400, str(e), param=str(e).split(" ", 1)[0]) from None
+
+
+async def _first(stream: AsyncIterator[RequestOutput]) -> RequestOutput:
+    """The first output: a request the engine rejects fails here, before any byte is sent."""
+    try:
+        return await anext(stream)
+    except ValueError as e:
+        raise APIError(400, str(e), param="prompt") from None
+
+
+def _usage(out: RequestOutput) -> dict:
+    prompt, completion = len(out.prompt_token_ids), len(out.token_ids)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+async def _respond(body: SamplingFields, model: str, kind: str, first: RequestOutput,
+                   rest: AsyncIterator[RequestOutput], delta_choice, final_choice):
+    """A JSON body with the final output, or an SSE stream of deltas."""
+    request_id = f"{'chatcmpl' if kind == 'chat.completion' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+    created = int(time.time())
+    if not body.stream:
+        out = first
+        async for out in rest:  # noqa: B007 (the last output is the final one)
+            pass
+        choice = final_choice(out) | {"finish_reason": out.finish_reason, "logprobs": None}
+        return {"id": request_id, "object": kind, "created": created, "model": model,
+                "choices": [choice], "usage": _usage(out)}
+
+    chunk_kind = "chat.completion.chunk" if kind == "chat.completion" else kind
+
+    def event(choices: list, usage: dict | None = None) -> str:
+        payload = {"id": request_id, "object": chunk_kind, "created": created, "model": model,
+                   "choices": choices}
+        if usage is not None:
+            payload["usage"] = usage
+        return f"data: {json.dumps(payload)}\n\n"
+
+    async def events() -> AsyncIterator[str]:
+        out = first
+        try:
+            if kind == "chat.completion":
+                yield event([{"delta": {"role": "assistant", "content": ""}, "index": 0,
+                              "finish_reason": None}])
+            yield event([delta_choice(out, out.delta_text) | {"finish_reason": out.finish_reason}])
+            async for out in rest:
+                yield event([delta_choice(out, out.delta_text) | {"finish_reason": out.finish_reason}])
+            if body.stream_options and body.stream_options.include_usage:
+                yield event([], _usage(out))
+        except Exception as e:  # an engine error mid-stream: an error chunk, then the end
+            error = {"message": str(e), "type": "server_error", "param": None, "code": 500}
+            yield f"data: {json.dumps({'error': error})}\n\n"
+        finally:
+            await rest.aclose()  # a client that went away: abort its request now
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(events(), media_type="text/event-stream")

@@ -1,0 +1,207 @@
+"""`pico-vllm serve`: OpenAI-shaped endpoints over the engine thread, streaming, errors, aborts."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import time
+
+import pytest
+from fastapi.testclient import TestClient
+
+from pico_vllm import LLM, EngineConfig, SamplingParams
+from pico_vllm.server.app import create_app
+from pico_vllm.server.async_engine import AsyncEngine
+
+CHAT_TEMPLATE = "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant:"
+
+
+@pytest.fixture(scope="module")
+def model_dir(random_model, tmp_path_factory):
+    source = random_model("llama", head_dim=32)
+    target = tmp_path_factory.mktemp("served") / "model"
+    shutil.copytree(source, target)
+    config = json.loads((target / "tokenizer_config.json").read_text())
+    (target / "tokenizer_config.json").write_text(json.dumps(config | {"chat_template": CHAT_TEMPLATE}))
+    return str(target)
+
+
+@pytest.fixture(scope="module")
+def engines(model_dir):
+    served = [AsyncEngine(EngineConfig(model=model_dir, num_blocks=64, max_model_len=256), "tiny")]
+    yield served
+    for engine in served:
+        engine.shutdown()
+
+
+@pytest.fixture(scope="module")
+def client(engines):
+    with TestClient(create_app(engines, api_key=None, max_queue=8)) as c:
+        yield c
+
+
+def assert_error(response, status: int, message: str, kind: str = "invalid_request_error"):
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert message in error["message"] and error["type"] == kind and error["code"] == status
+
+
+def sse(response) -> list:
+    lines = [line for line in response.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]"
+    return [json.loads(line.removeprefix("data: ")) for line in lines[:-1]]
+
+
+def test_health_and_models(client):
+    assert client.get("/health").json() == {"status": "ok"}
+    assert [m["id"] for m in client.get("/v1/models").json()["data"]] == ["tiny"]
+
+
+def test_completion_equals_the_offline_engine(client, model_dir):
+    body = {"prompt": [5, 6, 7], "max_tokens": 8, "temperature": 0, "ignore_eos": True}
+    response = client.post("/v1/completions", json=body)
+    assert response.status_code == 200
+    data = response.json()
+    offline = LLM(model_dir, num_blocks=64).generate([5, 6, 7], SamplingParams(
+        temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False)[0]
+    assert data["choices"][0]["text"] == offline.text
+    assert data["choices"][0]["finish_reason"] == "length"
+    assert data["usage"] == {"prompt_tokens": 3, "completion_tokens": 8, "total_tokens": 11}
+
+
+@pytest.mark.parametrize("prompt", ["Hello", [72, 101, 108]])
+def test_echo_puts_the_prompt_before_the_completion(client, prompt):
+    body = {"prompt": prompt, "max_tokens": 3, "temperature": 0, "ignore_eos": True}
+    plain = client.post("/v1/completions", json=body).json()["choices"][0]["text"]
+    echoed = client.post("/v1/completions", json=body | {"echo": True}).json()["choices"][0]["text"]
+    assert echoed == ("Hello" if prompt == "Hello" else "Hel") + plain
+
+
+def test_streamed_completion_adds_up_and_ends_with_a_finish_reason(client):
+    body = {"prompt": "Hello", "max_tokens": 6, "temperature": 0, "ignore_eos": True}
+    whole = client.post("/v1/completions", json=body).json()["choices"][0]["text"]
+    with client.stream("POST", "/v1/completions", json=body | {
+            "stream": True, "stream_options": {"include_usage": True}}) as response:
+        chunks = sse(response)
+    choices = [c["choices"][0] for c in chunks if c["choices"]]
+    assert "".join(c["text"] for c in choices) == whole
+    assert choices[-1]["finish_reason"] == "length" and all(c["finish_reason"] is None for c in choices[:-1])
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 6
+
+
+def test_chat_completion_with_text_parts(client):
+    parts = [{"type": "text", "text": "Hi "}, {"type": "text", "text": "there"}]
+    messages = [{"role": "user", "content": parts}]
+    body = {"messages": messages, "max_completion_tokens": 5, "temperature": 0, "ignore_eos": True}
+    data = client.post("/v1/chat/completions", json=body).json()
+    assert data["object"] == "chat.completion" and data["choices"][0]["message"]["role"] == "assistant"
+    assert data["usage"]["completion_tokens"] == 5
+    with client.stream("POST", "/v1/chat/completions", json=body | {"stream": True}) as response:
+        chunks = sse(response)
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    streamed = "".join(c["choices"][0]["delta"]["content"] for c in chunks)
+    assert streamed == data["choices"][0]["message"]["content"]
+
+
+@pytest.mark.parametrize("path,body,status,message", [
+    ("/v1/completions", {"prompt": "Hi", "temperature": -1}, 400, "temperature must be >= 0"),
+    ("/v1/completions", {"max_tokens": 4}, 400, "prompt: Field required"),
+    ("/v1/completions", [1, 2], 400, "request body"),
+    ("/v1/completions", {"prompt": "Hi", "n": 2}, 400, "n must be 1"),
+    ("/v1/completions", {"prompt": [1] * 300}, 400, "exceeds max_model_len"),
+    ("/v1/completions", {"prompt": "Hi", "model": "gpt-9"}, 404, "model 'gpt-9' is not served here"),
+    ("/v1/chat/completions", {"messages": []}, 400, "messages"),
+])
+def test_bad_requests_get_openai_shaped_errors_and_the_server_keeps_serving(client, path, body, status,
+                                                                            message):
+    kind = "not_found_error" if status == 404 else "invalid_request_error"
+    assert_error(client.post(path, json=body), status, message, kind)
+    ok = client.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 2})
+    assert ok.status_code == 200
+
+
+def test_api_key_guards_v1_but_not_health(engines):
+    with TestClient(create_app(engines, api_key="sekrit")) as c:
+        assert c.get("/health").status_code == 200
+        assert_error(c.get("/v1/models"), 401, "API key", "authentication_error")
+        assert c.get("/v1/models", headers={"Authorization": "Bearer sekrit"}).status_code == 200
+
+
+def test_a_full_queue_answers_429_with_retry_after(engines):
+    with TestClient(create_app(engines, max_queue=1)) as c:
+        engine = engines[0]
+        engine._queues["occupied"] = None  # one request in flight fills a queue of 1
+        try:
+            response = c.post("/v1/completions", json={"prompt": "Hi"})
+        finally:
+            del engine._queues["occupied"]
+        assert_error(response, 429, "at capacity", "rate_limit_error")
+        assert response.headers["Retry-After"] == "1"
+
+
+def test_leaving_a_stream_aborts_the_request_and_frees_its_blocks(engines):
+    engine = engines[0]
+    manager = engine.engine.scheduler.block_manager
+    before = engine.engine.stats.generated_tokens
+
+    async def read_one_then_leave() -> None:
+        stream = engine.generate([9, 9, 9], SamplingParams(max_tokens=250, ignore_eos=True))
+        await anext(stream)
+        await stream.aclose()  # what the server does when the client disconnects
+        deadline = time.monotonic() + 10
+        while (engine.num_requests or manager.num_free_blocks != manager.num_blocks) \
+                and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+
+    asyncio.run(read_one_then_leave())
+    assert engine.num_requests == 0 and manager.num_free_blocks == manager.num_blocks
+    assert engine.engine.stats.generated_tokens - before < 250, "the request ran to its end"
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_pico_vllm_serve_two_models_then_ctrl_c(model_dir):
+    """The real command on 127.0.0.1: two named models routed by `model`, then a clean SIGINT exit."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import httpx
+
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "pico_vllm.cli", "serve", "--model", model_dir, "--model", model_dir,
+         "--served-model-name", "a", "--served-model-name", "b", "--port", str(port),
+         "--num-blocks", "32", "--max-model-len", "128"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "PICO_VLLM_NO_OPENBLAS": "1"},
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert process.poll() is None and time.monotonic() < deadline, process.stderr.read()
+            time.sleep(0.2)
+        assert [m["id"] for m in httpx.get(f"{base}/v1/models").json()["data"]] == ["a", "b"]
+        body = {"model": "b", "prompt": [5, 6, 7], "max_tokens": 3, "ignore_eos": True}
+        answer = httpx.post(f"{base}/v1/completions", json=body, timeout=30).json()
+        assert answer["model"] == "b" and answer["usage"]["completion_tokens"] == 3
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=30)
+    finally:
+        process.kill()
+    assert process.returncode == 0, err
+    assert "Traceback" not in err

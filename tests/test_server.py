@@ -70,12 +70,13 @@ def test_completion_equals_the_offline_engine(client, model_dir):
     assert data["usage"] == {"prompt_tokens": 3, "completion_tokens": 8, "total_tokens": 11}
 
 
-@pytest.mark.parametrize("prompt", ["Hello", [72, 101, 108]])
-def test_echo_puts_the_prompt_before_the_completion(client, prompt):
+@pytest.mark.parametrize("as_ids", [False, True])
+def test_echo_puts_the_prompt_before_the_completion(client, engines, as_ids):
+    prompt = engines[0].tokenizer.encode("Hello") if as_ids else "Hello"
     body = {"prompt": prompt, "max_tokens": 3, "temperature": 0, "ignore_eos": True}
     plain = client.post("/v1/completions", json=body).json()["choices"][0]["text"]
     echoed = client.post("/v1/completions", json=body | {"echo": True}).json()["choices"][0]["text"]
-    assert echoed == ("Hello" if prompt == "Hello" else "Hel") + plain
+    assert echoed == "Hello" + plain
 
 
 def test_streamed_completion_adds_up_and_ends_with_a_finish_reason(client):

@@ -144,6 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1")
     serve.add_argument("--max-queue", type=int, default=256,
                        help="requests per model queued or running; more get 429 with Retry-After")
+    serve.add_argument("--rate-limit", type=float, default=None,
+                       help="requests per second per API key (or client address); more get 429")
     add_engine_flags(serve)
     return parser
 
@@ -278,6 +280,8 @@ def serve(args: argparse.Namespace) -> None:
         raise ValueError(f"got {len(names)} --served-model-name for {len(models)} --model")
     if args.max_queue < 1:
         raise ValueError(f"--max-queue must be >= 1, got {args.max_queue}")
+    if args.rate_limit is not None and not args.rate_limit > 0:
+        raise ValueError(f"--rate-limit must be > 0, got {args.rate_limit}")
     configs = []
     for model in models:
         args.model = model
@@ -291,8 +295,8 @@ def serve(args: argparse.Namespace) -> None:
     engines = [AsyncEngine(config, name) for config, name in zip(configs, names)]
     print(f"[pico-vllm] serving {', '.join(names)} on http://{args.host}:{args.port}/v1", file=sys.stderr)
     try:
-        uvicorn.run(create_app(engines, args.api_key, args.max_queue), host=args.host, port=args.port,
-                    log_level="warning")
+        app = create_app(engines, args.api_key, args.max_queue, args.rate_limit)
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     finally:
         for engine in engines:
             engine.shutdown()

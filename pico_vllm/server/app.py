@@ -4,20 +4,24 @@ Each model has its own :class:`AsyncEngine` (thread, KV pool); a request is rout
 ``model`` field. Streams are server-sent events ending in ``data: [DONE]``; a client that goes
 away aborts its request at once (its blocks are freed). Errors come back in OpenAI's shape,
 ``{"error": {"message", "type", "param", "code"}}``: 400 for invalid input (never FastAPI's 422),
-401 for a missing or wrong API key, 404 for an unknown model, 429 when the queue is full.
+401 for a missing or wrong API key, 404 for an unknown model, 429 when the queue is full or a
+key is over its rate, 503 while the server shuts down.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from typing import Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest
 from pydantic import BaseModel, ConfigDict, Field
 
 from pico_vllm.outputs import RequestOutput
@@ -95,10 +99,76 @@ class ChatRequest(SamplingFields):
     max_completion_tokens: int | None = None
 
 
-def create_app(engines: list[AsyncEngine], api_key: str | None = None, max_queue: int = 256) -> FastAPI:
+class TokenizeRequest(BaseModel):
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+
+
+class DetokenizeRequest(BaseModel):
+    model: str | None = None
+    tokens: list[int]
+
+
+class TokenBucket:
+    """``rate`` requests per second with bursts up to ``max(1, rate)``: one bucket per API key."""
+
+    def __init__(self, rate: float) -> None:
+        self.rate, self.capacity = rate, max(1.0, rate)
+        self.tokens, self.updated = self.capacity, time.monotonic()
+
+    def take(self) -> float:
+        """0 if a request may go now, else the seconds until one may."""
+        now = time.monotonic()
+        self.tokens = min(self.capacity, self.tokens + (now - self.updated) * self.rate)
+        self.updated = now
+        if self.tokens >= 1:
+            self.tokens -= 1
+            return 0.0
+        return (1 - self.tokens) / self.rate
+
+
+class Metrics:
+    """Prometheus counters and gauges, in a registry of this app's own."""
+
+    def __init__(self, engines: list[AsyncEngine]) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter("pico_vllm_requests", "finished requests", ["model", "finish_reason"],
+                                registry=self.registry)
+        self.prompt_tokens = Counter("pico_vllm_prompt_tokens", "prompt tokens", ["model"],
+                                     registry=self.registry)
+        self.generated_tokens = Counter("pico_vllm_generation_tokens", "generated tokens", ["model"],
+                                        registry=self.registry)
+        in_flight = Gauge("pico_vllm_requests_in_flight", "requests queued or running", ["model"],
+                          registry=self.registry)
+        for engine in engines:
+            in_flight.labels(engine.name).set_function(lambda e=engine: e.num_requests)
+
+    def record(self, model: str, out: RequestOutput) -> None:
+        self.requests.labels(model, out.finish_reason).inc()
+        self.prompt_tokens.labels(model).inc(len(out.prompt_token_ids))
+        self.generated_tokens.labels(model).inc(len(out.token_ids))
+
+
+OPEN_PATHS = ("/health", "/metrics")  # answered without an API key, even while shutting down
+
+
+def create_app(
+    engines: list[AsyncEngine], api_key: str | None = None, max_queue: int = 256,
+    rate_limit: float | None = None,
+) -> FastAPI:
     """The app serving ``engines`` (the first is the default model)."""
-    app = FastAPI(title="pico-vllm")
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        app.state.closing = True  # uvicorn is draining: new requests get 503
+
+    app = FastAPI(title="pico-vllm", lifespan=lifespan)
+    app.state.closing = False
     by_name = {engine.name: engine for engine in engines}
+    metrics = Metrics(engines)
+    buckets: dict[str, TokenBucket] = {}
 
     def error_response(e: APIError) -> JSONResponse:
         body = {"error": {"message": e.message, "type": e.kind, "param": e.param, "code": e.status}}
@@ -116,10 +186,23 @@ def create_app(engines: list[AsyncEngine], api_key: str | None = None, max_queue
         return error_response(APIError(400, message, param=where or None))
 
     @app.middleware("http")
-    async def check_api_key(request: Request, call_next):
-        if api_key and request.url.path.startswith("/v1"):
-            if request.headers.get("authorization") != f"Bearer {api_key}":
-                return error_response(APIError(401, "missing or wrong API key", "authentication_error"))
+    async def gate(request: Request, call_next):
+        """Shutdown (503), API key (401) and per-key rate limit (429), before any handler."""
+        if request.url.path in OPEN_PATHS:
+            return await call_next(request)
+        if app.state.closing:
+            return error_response(APIError(503, "server is shutting down", "server_error"))
+        key = request.headers.get("authorization", "")
+        if api_key and key != f"Bearer {api_key}":
+            return error_response(APIError(401, "missing or wrong API key", "authentication_error"))
+        if rate_limit and request.method == "POST":
+            bucket = buckets.setdefault(key or (request.client.host if request.client else ""),
+                                        TokenBucket(rate_limit))
+            wait = bucket.take()
+            if wait:
+                return error_response(APIError(
+                    429, f"rate limit of {rate_limit:g} requests/s exceeded", "rate_limit_error",
+                    headers={"Retry-After": str(math.ceil(wait))}))
         return await call_next(request)
 
     def engine_for(model: str | None) -> AsyncEngine:
@@ -139,6 +222,31 @@ def create_app(engines: list[AsyncEngine], api_key: str | None = None, max_queue
     async def health() -> dict:
         return {"status": "ok"}
 
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest) -> dict:
+        engine = engine_for(body.model)
+        if (body.prompt is None) == (body.messages is None):
+            raise APIError(400, "give exactly one of prompt and messages", param="prompt")
+        if body.prompt is not None:
+            tokens = list(engine.tokenizer.encode(body.prompt))
+        else:
+            messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+            tokens = list(engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+        return {"tokens": tokens, "count": len(tokens), "max_model_len": engine.max_model_len}
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest) -> dict:
+        engine = engine_for(body.model)
+        bad = [t for t in body.tokens if not 0 <= t < engine.vocab_size]
+        if bad:
+            raise APIError(400, f"tokens {bad[:5]} are outside the vocabulary [0, {engine.vocab_size})",
+                           param="tokens")
+        return {"prompt": engine.tokenizer.decode(body.tokens)}
+
     @app.get("/v1/models")
     async def models() -> dict:
         return {"object": "list", "data": [
@@ -157,7 +265,7 @@ def create_app(engines: list[AsyncEngine], api_key: str | None = None, max_queue
         stream = engine.generate(body.prompt, params)
         return await _respond(body, engine.name, "text_completion", await _first(stream), stream,
                               lambda out, delta: {"text": delta, "index": 0},
-                              lambda out: {"text": prefix + out.text, "index": 0})
+                              lambda out: {"text": prefix + out.text, "index": 0}, metrics.record)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest):
@@ -173,7 +281,7 @@ def create_app(engines: list[AsyncEngine], api_key: str | None = None, max_queue
         return await _respond(body, engine.name, "chat.completion", await _first(stream), stream,
                               lambda out, delta: {"delta": {"content": delta}, "index": 0},
                               lambda out: {"message": {"role": "assistant", "content": out.text},
-                                           "index": 0})
+                                           "index": 0}, metrics.record)
 
     return app
 
@@ -199,14 +307,17 @@ def _usage(out: RequestOutput) -> dict:
 
 
 async def _respond(body: SamplingFields, model: str, kind: str, first: RequestOutput,
-                   rest: AsyncIterator[RequestOutput], delta_choice, final_choice):
-    """A JSON body with the final output, or an SSE stream of deltas."""
+                   rest: AsyncIterator[RequestOutput], delta_choice, final_choice,
+                   record: Callable[[str, RequestOutput], None]):
+    """A JSON body with the final output, or an SSE stream of deltas; ``record`` sees the
+    final output of a request that finished."""
     request_id = f"{'chatcmpl' if kind == 'chat.completion' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
     created = int(time.time())
     if not body.stream:
         out = first
         async for out in rest:  # noqa: B007 (the last output is the final one)
             pass
+        record(model, out)
         choice = final_choice(out) | {"finish_reason": out.finish_reason, "logprobs": None}
         return {"id": request_id, "object": kind, "created": created, "model": model,
                 "choices": [choice], "usage": _usage(out)}
@@ -229,6 +340,8 @@ async def _respond(body: SamplingFields, model: str, kind: str, first: RequestOu
             yield event([delta_choice(out, out.delta_text) | {"finish_reason": out.finish_reason}])
             async for out in rest:
                 yield event([delta_choice(out, out.delta_text) | {"finish_reason": out.finish_reason}])
+            if out.finished:
+                record(model, out)
             if body.stream_options and body.stream_options.include_usage:
                 yield event([], _usage(out))
         except Exception as e:  # an engine error mid-stream: an error chunk, then the end

@@ -66,6 +66,14 @@ class AsyncEngine:
         return self.engine.tokenizer
 
     @property
+    def max_model_len(self) -> int:
+        return self.engine.config.max_model_len
+
+    @property
+    def vocab_size(self) -> int:
+        return self.engine.vocab_size
+
+    @property
     def num_requests(self) -> int:
         """Requests queued or running (the server's admission control reads it)."""
         return len(self._queues)

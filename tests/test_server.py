@@ -91,6 +91,25 @@ def test_streamed_completion_adds_up_and_ends_with_a_finish_reason(client):
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 6
 
 
+def test_n_choices_are_seeded_apart_and_stream_interleaved(client):
+    body = {"prompt": "Hi", "max_tokens": 6, "temperature": 1.0, "seed": 7, "n": 3, "ignore_eos": True}
+    data = client.post("/v1/completions", json=body).json()
+    texts = [c["text"] for c in data["choices"]]
+    assert [c["index"] for c in data["choices"]] == [0, 1, 2] and len(set(texts)) > 1
+    assert data["usage"]["completion_tokens"] == 18
+    single = client.post("/v1/completions", json=body | {"n": 1, "seed": 8}).json()
+    assert single["choices"][0]["text"] == texts[1]  # choice i is seeded seed + i
+    with client.stream("POST", "/v1/completions", json=body | {"stream": True}) as response:
+        chunks = sse(response)
+    streamed = {i: "" for i in range(3)}
+    for chunk in chunks:
+        choice = chunk["choices"][0]
+        streamed[choice["index"]] += choice["text"]
+    assert [streamed[i] for i in range(3)] == texts
+    finished = [c["choices"][0]["index"] for c in chunks if c["choices"][0]["finish_reason"]]
+    assert sorted(finished) == [0, 1, 2]
+
+
 def test_chat_completion_with_text_parts(client):
     parts = [{"type": "text", "text": "Hi "}, {"type": "text", "text": "there"}]
     messages = [{"role": "user", "content": parts}]
@@ -109,7 +128,7 @@ def test_chat_completion_with_text_parts(client):
     ("/v1/completions", {"prompt": "Hi", "temperature": -1}, 400, "temperature must be >= 0"),
     ("/v1/completions", {"max_tokens": 4}, 400, "prompt: Field required"),
     ("/v1/completions", [1, 2], 400, "request body"),
-    ("/v1/completions", {"prompt": "Hi", "n": 2}, 400, "n must be 1"),
+    ("/v1/completions", {"prompt": "Hi", "n": 0}, 400, "n must be in [1, 16], got 0"),
     ("/v1/completions", {"prompt": [1] * 300}, 400, "exceeds max_model_len"),
     ("/v1/completions", {"prompt": "Hi", "model": "gpt-9"}, 404, "model 'gpt-9' is not served here"),
     ("/v1/chat/completions", {"messages": []}, 400, "messages"),
@@ -250,3 +269,18 @@ def test_shutting_down_answers_503_but_health_stays_up(engines):
         app.state.closing = True
         assert_error(c.post("/v1/completions", json={"prompt": "Hi"}), 503, "shutting down", "server_error")
         assert c.get("/health").status_code == 200
+
+
+def test_a_client_leaving_an_http_stream_aborts_its_choices(client, engines):
+    engine = engines[0]
+    manager = engine.engine.scheduler.block_manager
+    before = engine.engine.stats.generated_tokens
+    body = {"prompt": [9, 9], "max_tokens": 250, "ignore_eos": True, "stream": True, "n": 2}
+    with client.stream("POST", "/v1/completions", json=body) as response:
+        next(response.iter_lines())  # the first chunk arrived; now hang up
+    deadline = time.monotonic() + 10
+    while (engine.num_requests or manager.num_free_blocks != manager.num_blocks) \
+            and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert engine.num_requests == 0 and manager.num_free_blocks == manager.num_blocks
+    assert engine.engine.stats.generated_tokens - before < 500, "the choices ran to their end"

@@ -10,12 +10,14 @@ key is over its rate, 503 while the server shuts down.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from typing import Literal
 
 from fastapi import FastAPI, Request
@@ -64,9 +66,6 @@ class SamplingFields(BaseModel):
     stream_options: StreamOptions | None = None
 
     def sampling_params(self, max_tokens: int | None) -> SamplingParams:
-        if self.n != 1:
-            raise APIError(400, "n must be 1 (several choices per request are not supported yet)",
-                           param="n")
         return SamplingParams(
             max_tokens=max_tokens if max_tokens is not None else 16, temperature=self.temperature,
             top_p=self.top_p, top_k=max(self.top_k, 0), min_p=self.min_p,
@@ -262,10 +261,10 @@ def create_app(
         if body.echo:
             prompt = body.prompt
             prefix = prompt if isinstance(prompt, str) else engine.tokenizer.decode(prompt)
-        stream = engine.generate(body.prompt, params)
-        return await _respond(body, engine.name, "text_completion", await _first(stream), stream,
-                              lambda out, delta: {"text": delta, "index": 0},
-                              lambda out: {"text": prefix + out.text, "index": 0}, metrics.record)
+        streams = await _start(engine, body.prompt, params, body.n)
+        return await _respond(body, engine.name, "text_completion", streams,
+                              lambda out, delta: {"text": delta},
+                              lambda out: {"text": prefix + out.text}, metrics.record)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest):
@@ -277,50 +276,72 @@ def create_app(
             raise APIError(400, f"model {engine.name!r} has no chat template", param="messages")
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
         prompt = list(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
-        stream = engine.generate(prompt, params)
-        return await _respond(body, engine.name, "chat.completion", await _first(stream), stream,
-                              lambda out, delta: {"delta": {"content": delta}, "index": 0},
-                              lambda out: {"message": {"role": "assistant", "content": out.text},
-                                           "index": 0}, metrics.record)
+        streams = await _start(engine, prompt, params, body.n)
+        return await _respond(body, engine.name, "chat.completion", streams,
+                              lambda out, delta: {"delta": {"content": delta}},
+                              lambda out: {"message": {"role": "assistant", "content": out.text}},
+                              metrics.record)
 
     return app
 
 
+MAX_N = 16  # choices per request
+
+
 def _params(body: SamplingFields, max_tokens: int | None) -> SamplingParams:
+    if not 1 <= body.n <= MAX_N:
+        raise APIError(400, f"n must be in [1, {MAX_N}], got {body.n}", param="n")
     try:
         return body.sampling_params(max_tokens)
     except ValueError as e:
         raise APIError(400, str(e), param=str(e).split(" ", 1)[0]) from None
 
 
-async def _first(stream: AsyncIterator[RequestOutput]) -> RequestOutput:
-    """The first output: a request the engine rejects fails here, before any byte is sent."""
+Stream = tuple[RequestOutput, AsyncIterator[RequestOutput]]  # first output, the rest
+
+
+async def _start(engine: AsyncEngine, prompt, params: SamplingParams, n: int) -> list[Stream]:
+    """Submit the ``n`` choices of a request (choice i seeded ``seed + i``) and wait for each
+    one's first output: a request the engine rejects fails here, before any byte is sent."""
+    streams: list[Stream] = []
     try:
-        return await anext(stream)
+        for i in range(n):
+            seed = None if params.seed is None else params.seed + i
+            rest = engine.generate(prompt, replace(params, seed=seed))
+            streams.append((await anext(rest), rest))
     except ValueError as e:
+        for _, rest in streams:
+            await rest.aclose()
         raise APIError(400, str(e), param="prompt") from None
+    return streams
 
 
-def _usage(out: RequestOutput) -> dict:
-    prompt, completion = len(out.prompt_token_ids), len(out.token_ids)
+def _usage(outs: list[RequestOutput]) -> dict:
+    prompt, completion = len(outs[0].prompt_token_ids), sum(len(o.token_ids) for o in outs)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-async def _respond(body: SamplingFields, model: str, kind: str, first: RequestOutput,
-                   rest: AsyncIterator[RequestOutput], delta_choice, final_choice,
-                   record: Callable[[str, RequestOutput], None]):
-    """A JSON body with the final output, or an SSE stream of deltas; ``record`` sees the
-    final output of a request that finished."""
+async def _respond(body: SamplingFields, model: str, kind: str, streams: list[Stream], delta_choice,
+                   final_choice, record: Callable[[str, RequestOutput], None]):
+    """A JSON body with every choice's final output, or an SSE stream of the choices' deltas as
+    they come; ``record`` sees the final output of each choice that finished."""
     request_id = f"{'chatcmpl' if kind == 'chat.completion' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
     created = int(time.time())
     if not body.stream:
-        out = first
-        async for out in rest:  # noqa: B007 (the last output is the final one)
-            pass
-        record(model, out)
-        choice = final_choice(out) | {"finish_reason": out.finish_reason, "logprobs": None}
+        async def last(first: RequestOutput, rest: AsyncIterator[RequestOutput]) -> RequestOutput:
+            out = first
+            async for out in rest:  # noqa: B007 (the last output is the final one)
+                pass
+            return out
+
+        outs = await asyncio.gather(*(last(first, rest) for first, rest in streams))
+        choices = []
+        for index, out in enumerate(outs):
+            record(model, out)
+            choices.append(final_choice(out) | {"index": index, "finish_reason": out.finish_reason,
+                                                "logprobs": None})
         return {"id": request_id, "object": kind, "created": created, "model": model,
-                "choices": [choice], "usage": _usage(out)}
+                "choices": choices, "usage": _usage(outs)}
 
     chunk_kind = "chat.completion.chunk" if kind == "chat.completion" else kind
 
@@ -332,23 +353,42 @@ async def _respond(body: SamplingFields, model: str, kind: str, first: RequestOu
         return f"data: {json.dumps(payload)}\n\n"
 
     async def events() -> AsyncIterator[str]:
-        out = first
+        merged: asyncio.Queue = asyncio.Queue()
+
+        async def pump(index: int, first: RequestOutput, rest: AsyncIterator[RequestOutput]) -> None:
+            try:
+                await merged.put((index, first))
+                async for out in rest:
+                    await merged.put((index, out))
+            except Exception as e:  # handed to the consumer, which ends the stream with it
+                await merged.put((index, e))
+
+        pumps = [asyncio.create_task(pump(i, first, rest)) for i, (first, rest) in enumerate(streams)]
+        finals: dict[int, RequestOutput] = {}
         try:
             if kind == "chat.completion":
-                yield event([{"delta": {"role": "assistant", "content": ""}, "index": 0,
-                              "finish_reason": None}])
-            yield event([delta_choice(out, out.delta_text) | {"finish_reason": out.finish_reason}])
-            async for out in rest:
-                yield event([delta_choice(out, out.delta_text) | {"finish_reason": out.finish_reason}])
-            if out.finished:
-                record(model, out)
+                yield event([{"delta": {"role": "assistant", "content": ""}, "index": i,
+                              "finish_reason": None} for i in range(len(streams))])
+            while len(finals) < len(streams):
+                index, out = await merged.get()
+                if isinstance(out, Exception):
+                    raise out
+                yield event([delta_choice(out, out.delta_text)
+                             | {"index": index, "finish_reason": out.finish_reason}])
+                if out.finished:
+                    finals[index] = out
+                    record(model, out)
             if body.stream_options and body.stream_options.include_usage:
-                yield event([], _usage(out))
+                yield event([], _usage([finals[i] for i in range(len(streams))]))
         except Exception as e:  # an engine error mid-stream: an error chunk, then the end
             error = {"message": str(e), "type": "server_error", "param": None, "code": 500}
             yield f"data: {json.dumps({'error': error})}\n\n"
-        finally:
-            await rest.aclose()  # a client that went away: abort its request now
+        finally:  # a client that went away: abort what is still running, now
+            for task in pumps:
+                task.cancel()
+            await asyncio.gather(*pumps, return_exceptions=True)
+            for _, rest in streams:
+                await rest.aclose()
         yield "data: [DONE]\n\n"
 
     return StreamingResponse(events(), media_type="text/event-stream")

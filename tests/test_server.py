@@ -284,3 +284,28 @@ def test_a_client_leaving_an_http_stream_aborts_its_choices(client, engines):
         time.sleep(0.02)
     assert engine.num_requests == 0 and manager.num_free_blocks == manager.num_blocks
     assert engine.engine.stats.generated_tokens - before < 500, "the choices ran to their end"
+
+
+def test_logprobs_in_completions_and_chat_streamed_or_not(client, model_dir):
+    body = {"prompt": [5, 6, 7], "max_tokens": 4, "temperature": 0, "ignore_eos": True, "logprobs": 2}
+    choice = client.post("/v1/completions", json=body).json()["choices"][0]
+    offline = LLM(model_dir, num_blocks=64).generate([5, 6, 7], SamplingParams(
+        temperature=0, max_tokens=4, ignore_eos=True, logprobs=2), use_tqdm=False)[0]
+    assert choice["logprobs"]["token_logprobs"] == pytest.approx(offline.logprobs, abs=1e-5)
+    assert len(choice["logprobs"]["tokens"]) == 4 and "".join(choice["logprobs"]["tokens"]) == choice["text"]
+    assert all(len(top) <= 2 for top in choice["logprobs"]["top_logprobs"])
+    with client.stream("POST", "/v1/completions", json=body | {"stream": True}) as response:
+        chunks = sse(response)
+    streamed = [lp for c in chunks for lp in c["choices"][0]["logprobs"]["token_logprobs"]]
+    assert streamed == pytest.approx(offline.logprobs, abs=1e-5)
+
+    chat = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3, "temperature": 0,
+            "ignore_eos": True, "logprobs": True, "top_logprobs": 2}
+    content = client.post("/v1/chat/completions", json=chat).json()["choices"][0]["logprobs"]["content"]
+    assert len(content) == 3
+    for entry in content:  # greedy: the chosen token is the most likely one
+        assert entry["top_logprobs"][0]["token"] == entry["token"]
+        assert entry["top_logprobs"][0]["logprob"] == pytest.approx(entry["logprob"])
+        assert bytes(entry["bytes"]).decode() == entry["token"]
+    assert_error(client.post("/v1/chat/completions", json=chat | {"logprobs": False}), 400,
+                 "top_logprobs needs logprobs: true")

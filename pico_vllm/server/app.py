@@ -65,8 +65,13 @@ class SamplingFields(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
 
+    def top_n_logprobs(self) -> int | None:
+        """How many top logprobs per token the request wants (None: no logprobs)."""
+        return None
+
     def sampling_params(self, max_tokens: int | None) -> SamplingParams:
         return SamplingParams(
+            logprobs=self.top_n_logprobs(),
             max_tokens=max_tokens if max_tokens is not None else 16, temperature=self.temperature,
             top_p=self.top_p, top_k=max(self.top_k, 0), min_p=self.min_p,
             presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
@@ -78,6 +83,10 @@ class SamplingFields(BaseModel):
 class CompletionRequest(SamplingFields):
     prompt: str | list[int]
     echo: bool = False
+    logprobs: int | None = None
+
+    def top_n_logprobs(self) -> int | None:
+        return self.logprobs
 
 
 class TextPart(BaseModel):
@@ -96,6 +105,13 @@ class ChatMessage(BaseModel):
 class ChatRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
+
+    def top_n_logprobs(self) -> int | None:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class TokenizeRequest(BaseModel):
@@ -264,7 +280,8 @@ def create_app(
         streams = await _start(engine, body.prompt, params, body.n)
         return await _respond(body, engine.name, "text_completion", streams,
                               lambda out, delta: {"text": delta},
-                              lambda out: {"text": prefix + out.text}, metrics.record)
+                              lambda out: {"text": prefix + out.text}, metrics.record,
+                              _logprob_format(engine, chat=False) if params.logprobs is not None else None)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest):
@@ -280,7 +297,8 @@ def create_app(
         return await _respond(body, engine.name, "chat.completion", streams,
                               lambda out, delta: {"delta": {"content": delta}},
                               lambda out: {"message": {"role": "assistant", "content": out.text}},
-                              metrics.record)
+                              metrics.record,
+                              _logprob_format(engine, chat=True) if params.logprobs is not None else None)
 
     return app
 
@@ -316,13 +334,38 @@ async def _start(engine: AsyncEngine, prompt, params: SamplingParams, n: int) ->
     return streams
 
 
+LogprobFormat = Callable[[RequestOutput, int], dict]
+
+
+def _logprob_format(engine: AsyncEngine, chat: bool) -> LogprobFormat:
+    """``format(out, n)``: OpenAI's logprobs object for the last ``n`` tokens of ``out`` (chat:
+    ``{"content": [...]}``; completions: the legacy parallel lists)."""
+    def text(token_id: int) -> str:
+        return engine.tokenizer.decode([token_id])
+
+    def format_(out: RequestOutput, n: int) -> dict:
+        start = len(out.token_ids) - n
+        ids, lps, tops = out.token_ids[start:], out.logprobs[start:], out.top_logprobs[start:]
+        if chat:
+            def entry(t: int, lp: float) -> dict:
+                return {"token": text(t), "logprob": lp, "bytes": list(text(t).encode())}
+
+            return {"content": [entry(t, lp) | {"top_logprobs": [entry(i, v) for i, v in top]}
+                                for t, lp, top in zip(ids, lps, tops)]}
+        return {"tokens": [text(t) for t in ids], "token_logprobs": lps,
+                "top_logprobs": [{text(i): v for i, v in top} for top in tops]}
+
+    return format_
+
+
 def _usage(outs: list[RequestOutput]) -> dict:
     prompt, completion = len(outs[0].prompt_token_ids), sum(len(o.token_ids) for o in outs)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
 async def _respond(body: SamplingFields, model: str, kind: str, streams: list[Stream], delta_choice,
-                   final_choice, record: Callable[[str, RequestOutput], None]):
+                   final_choice, record: Callable[[str, RequestOutput], None],
+                   logprobs: LogprobFormat | None = None):
     """A JSON body with every choice's final output, or an SSE stream of the choices' deltas as
     they come; ``record`` sees the final output of each choice that finished."""
     request_id = f"{'chatcmpl' if kind == 'chat.completion' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
@@ -338,8 +381,9 @@ async def _respond(body: SamplingFields, model: str, kind: str, streams: list[St
         choices = []
         for index, out in enumerate(outs):
             record(model, out)
-            choices.append(final_choice(out) | {"index": index, "finish_reason": out.finish_reason,
-                                                "logprobs": None})
+            choices.append(final_choice(out) | {
+                "index": index, "finish_reason": out.finish_reason,
+                "logprobs": logprobs(out, len(out.token_ids)) if logprobs else None})
         return {"id": request_id, "object": kind, "created": created, "model": model,
                 "choices": choices, "usage": _usage(outs)}
 
@@ -373,8 +417,11 @@ async def _respond(body: SamplingFields, model: str, kind: str, streams: list[St
                 index, out = await merged.get()
                 if isinstance(out, Exception):
                     raise out
-                yield event([delta_choice(out, out.delta_text)
-                             | {"index": index, "finish_reason": out.finish_reason}])
+                choice = delta_choice(out, out.delta_text) | {"index": index,
+                                                               "finish_reason": out.finish_reason}
+                if logprobs:
+                    choice["logprobs"] = logprobs(out, len(out.delta_token_ids))
+                yield event([choice])
                 if out.finished:
                     finals[index] = out
                     record(model, out)

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
+
+import numpy as np
 import pytest
 
-from pico_vllm.engine.block_manager import BlockManager
+from pico_vllm.engine import block_manager
+from pico_vllm.engine.block_manager import BlockManager, block_digest
 from pico_vllm.engine.sequence import Sequence
 from pico_vllm.sampling_params import SamplingParams
 
@@ -74,15 +78,36 @@ def test_hit_leaves_at_least_one_token_to_compute():
     assert len(b.block_table) == 1
 
 
-def test_hash_collision_is_caught_by_token_check(monkeypatch):
+def test_hash_collision_is_caught_by_token_check():
     m = BlockManager(num_blocks=10, block_size=BS)
     a = computed(m, seq([1, 2, 3, 4, 5], "a"))
     block = m.blocks[a.block_table[0]]
-    # Pretend another prefix hashes to the cached block's hash.
+    # Pretend another prefix digests to the cached block's digest.
     b = seq([9, 9, 9, 9, 5], "b")
-    m._cached[hash((None, (9, 9, 9, 9)))] = block.block_id
+    m._cached[block_digest(None, (9, 9, 9, 9))] = block.block_id
     m.share_cached_prefix(b)
     assert b.num_computed_tokens == 0
+
+
+def test_a_digest_collision_across_prefixes_never_serves_another_prefix(monkeypatch):
+    """The old scheme identified a block by hash((parent, tokens)) and compared only its own
+    tokens: two prefixes ending in the same block whose chained hashes collided shared K/V. Force
+    exactly that collision (a digest that ignores the parent) and check the hit is refused."""
+    monkeypatch.setattr(block_manager, "block_digest",
+                        lambda parent, tokens: hashlib.sha256(bytes(str(tokens), "ascii")).digest())
+    m = BlockManager(num_blocks=10, block_size=BS)
+    x, y, t = [1, 1, 1, 1], [2, 2, 2, 2], [7, 7, 7, 7]
+    computed(m, seq(x + t + [0], "a"))  # caches [x] and [t] after x
+    computed(m, seq(y + [5, 5, 5, 5] + [0], "c"))  # caches [y]
+    victim = seq(y + t + [0], "b")  # [y] is a true hit; [t] collides with [t]-after-x
+    m.share_cached_prefix(victim)
+    assert victim.num_cached_tokens == BS  # only [y]: the colliding block is refused
+
+
+def test_block_digests_are_sha256_of_parent_and_tokens():
+    first = block_digest(None, (1, 2, 3, 4))
+    assert first == hashlib.sha256(np.asarray([1, 2, 3, 4], np.int64).tobytes()).digest()
+    assert block_digest(first, (5, 6, 7, 8)) != block_digest(None, (5, 6, 7, 8))
 
 
 def test_freed_cached_blocks_are_reused_then_evicted_lru():

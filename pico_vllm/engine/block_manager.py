@@ -8,15 +8,21 @@ The pool has ``num_blocks`` blocks of ``block_size`` token slots. A block is in 
   later request with the same prefix can take it back without recomputing. When no free block
   is left, the least recently used evictable block is recycled.
 
-Prefix caching identifies a full block by ``hash((parent_hash, its token ids))``: chaining the
-parent's hash makes equal hashes mean equal *prefixes*, not just equal blocks. Hits are
-verified against the stored token ids, so a hash collision can never serve wrong K/V.
+Prefix caching identifies a full block by a SHA-256 digest of its parent block's digest and its
+own token ids: chaining makes equal digests mean equal *prefixes*, not just equal blocks. Tenants
+share this cache, so a hit must be exact whatever the digest: a hit is verified against the
+block's stored token ids *and* its parent's digest, so by induction over the chain the whole
+prefix is equal (a collision can cost a miss, never serve another prefix's K/V — the hole vLLM
+closed after CVE-2025-25183, where Python's ``hash`` identified blocks).
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections import OrderedDict, deque
 from dataclasses import dataclass
+
+import numpy as np
 
 from pico_vllm.engine.sequence import PLACEHOLDER, Sequence
 
@@ -25,8 +31,14 @@ from pico_vllm.engine.sequence import PLACEHOLDER, Sequence
 class Block:
     block_id: int
     ref_count: int = 0
-    hash: int | None = None  # set once the block is full and computed
+    hash: bytes | None = None  # digest, set once the block is full and computed
     token_ids: tuple[int, ...] | None = None
+    parent: bytes | None = None  # the previous block's digest (None for a first block)
+
+
+def block_digest(parent: bytes | None, token_ids: tuple[int, ...]) -> bytes:
+    """SHA-256 over the parent block's digest and this block's token ids (as int64 bytes)."""
+    return hashlib.sha256((parent or b"") + np.asarray(token_ids, np.int64).tobytes()).digest()
 
 
 class BlockManager:
@@ -39,7 +51,7 @@ class BlockManager:
         self.blocks = [Block(i) for i in range(num_blocks)]
         self._free: deque[int] = deque(range(num_blocks))
         self._evictable: OrderedDict[int, None] = OrderedDict()  # least recently used first
-        self._cached: dict[int, int] = {}  # block hash -> block id
+        self._cached: dict[bytes, int] = {}  # block digest -> block id
 
     @property
     def num_free_blocks(self) -> int:
@@ -59,9 +71,12 @@ class BlockManager:
         parent = None
         for i in range(max_hits):
             tokens = self._tokens_of_block(seq, i)
-            block_id = self._cached.get(hash((parent, tokens)))
-            if block_id is None or self.blocks[block_id].token_ids != tokens:
+            block_id = self._cached.get(block_digest(parent, tokens))
+            if block_id is None:
                 break
+            block = self.blocks[block_id]
+            if block.token_ids != tokens or block.parent != parent:
+                break  # a digest collision: this block holds another prefix
             self._acquire(block_id)
             seq.block_table.append(block_id)
             parent = self.blocks[block_id].hash
@@ -87,7 +102,7 @@ class BlockManager:
                 if block.hash is not None and self._cached.get(block.hash) == block_id:
                     self._evictable[block_id] = None
                 else:
-                    block.hash = block.token_ids = None
+                    block.hash = block.token_ids = block.parent = None
                     self._free.append(block_id)
         seq.block_table = []
 
@@ -105,8 +120,8 @@ class BlockManager:
             if PLACEHOLDER in tokens:
                 return  # a later call, once the token is known, registers it and what follows
             parent = self.blocks[seq.block_table[i - 1]].hash if i else None
-            block.token_ids = tokens
-            block.hash = hash((parent, block.token_ids))
+            block.token_ids, block.parent = tokens, parent
+            block.hash = block_digest(parent, tokens)
             # If another sequence computed the same prefix first, its block stays the cached one.
             self._cached.setdefault(block.hash, block.block_id)
 
@@ -146,7 +161,7 @@ class BlockManager:
     def _uncache(self, block_id: int) -> None:
         block = self.blocks[block_id]
         del self._cached[block.hash]
-        block.hash = block.token_ids = None
+        block.hash = block.token_ids = block.parent = None
 
     def _acquire(self, block_id: int) -> None:
         self._evictable.pop(block_id, None)

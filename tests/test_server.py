@@ -187,8 +187,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_pico_vllm_serve_two_models_then_ctrl_c(model_dir):
-    """The real command on 127.0.0.1: two named models routed by `model`, then a clean SIGINT exit."""
+@pytest.fixture(scope="module")
+def live_server(model_dir):
+    """The real `pico-vllm serve` on 127.0.0.1: models "a" and "b", API key "sekrit". On teardown
+    a SIGINT must stop it cleanly (exit 0, no traceback)."""
     import os
     import signal
     import subprocess
@@ -200,7 +202,7 @@ def test_pico_vllm_serve_two_models_then_ctrl_c(model_dir):
     process = subprocess.Popen(
         [sys.executable, "-m", "pico_vllm.cli", "serve", "--model", model_dir, "--model", model_dir,
          "--served-model-name", "a", "--served-model-name", "b", "--port", str(port),
-         "--num-blocks", "32", "--max-model-len", "128"],
+         "--api-key", "sekrit", "--num-blocks", "32", "--max-model-len", "128"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env={**os.environ, "PICO_VLLM_NO_OPENBLAS": "1"},
     )
@@ -215,75 +217,54 @@ def test_pico_vllm_serve_two_models_then_ctrl_c(model_dir):
                 pass
             assert process.poll() is None and time.monotonic() < deadline, process.stderr.read()
             time.sleep(0.2)
-        assert [m["id"] for m in httpx.get(f"{base}/v1/models").json()["data"]] == ["a", "b"]
-        body = {"model": "b", "prompt": [5, 6, 7], "max_tokens": 3, "ignore_eos": True}
-        answer = httpx.post(f"{base}/v1/completions", json=body, timeout=30).json()
-        assert answer["model"] == "b" and answer["usage"]["completion_tokens"] == 3
+        yield base
         process.send_signal(signal.SIGINT)
         _, err = process.communicate(timeout=30)
+        assert process.returncode == 0 and "Traceback" not in err, err
     finally:
         process.kill()
-    assert process.returncode == 0, err
-    assert "Traceback" not in err
 
 
-def test_metrics_count_finished_requests_and_tokens(client):
-    def value(text: str, name: str) -> float:
-        lines = [line for line in text.splitlines() if line.startswith(name) and 'model="tiny"' in line]
-        return sum(float(line.rsplit(" ", 1)[1]) for line in lines)
+def test_the_live_server_routes_two_models_by_name_behind_its_key(live_server):
+    import httpx
 
-    before = client.get("/metrics").text
-    client.post("/v1/completions", json={"prompt": [5, 6], "max_tokens": 4, "ignore_eos": True})
-    after = client.get("/metrics").text
-    for name, grew_by in (("pico_vllm_generation_tokens_total", 4), ("pico_vllm_prompt_tokens_total", 2),
-                          ("pico_vllm_requests_total", 1)):
-        assert value(after, name) - value(before, name) == grew_by, name
-    assert "pico_vllm_requests_in_flight" in after
+    key = {"Authorization": "Bearer sekrit"}
+    assert httpx.get(f"{live_server}/v1/models").status_code == 401
+    assert [m["id"] for m in httpx.get(f"{live_server}/v1/models", headers=key).json()["data"]] == ["a", "b"]
+    body = {"model": "b", "prompt": [5, 6, 7], "max_tokens": 3, "ignore_eos": True}
+    answer = httpx.post(f"{live_server}/v1/completions", json=body, headers=key, timeout=30).json()
+    assert answer["model"] == "b" and answer["usage"]["completion_tokens"] == 3
 
 
-def test_tokenize_and_detokenize_round_trip(client):
-    tokens = client.post("/tokenize", json={"prompt": "Hello there"}).json()
-    assert tokens["count"] == len(tokens["tokens"]) > 0 and tokens["max_model_len"] == 256
-    assert client.post("/detokenize", json={"tokens": tokens["tokens"]}).json() == {"prompt": "Hello there"}
-    chat = client.post("/tokenize", json={"messages": [{"role": "user", "content": "Hi"}]}).json()
-    assert client.post("/detokenize", json={"tokens": chat["tokens"]}).json()["prompt"].endswith("assistant:")
-    assert_error(client.post("/detokenize", json={"tokens": [10**6]}), 400, "outside the vocabulary")
-    assert_error(client.post("/tokenize", json={}), 400, "exactly one of prompt and messages")
+def test_the_official_openai_client(live_server):
+    from openai import BadRequestError, NotFoundError, OpenAI
 
+    client = OpenAI(base_url=f"{live_server}/v1", api_key="sekrit", max_retries=0, timeout=30)
+    common = dict(model="a", max_tokens=6, temperature=0, extra_body={"ignore_eos": True})
+    whole = client.completions.create(prompt="Hello", **common)
+    stream = client.completions.create(prompt="Hello", stream=True,
+                                       stream_options={"include_usage": True}, **common)
+    chunks = list(stream)
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == whole.choices[0].text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens == 6
 
-def test_rate_limit_per_key_answers_429_with_retry_after(engines):
-    with TestClient(create_app(engines, rate_limit=0.5)) as c:
-        body = {"prompt": "Hi", "max_tokens": 1}
-        assert c.post("/v1/completions", json=body, headers={"Authorization": "Bearer k1"}).status_code == 200
-        limited = c.post("/v1/completions", json=body, headers={"Authorization": "Bearer k1"})
-        assert_error(limited, 429, "rate limit of 0.5 requests/s", "rate_limit_error")
-        assert limited.headers["Retry-After"] == "2"
-        # another key has its own bucket; reads are not limited
-        assert c.post("/v1/completions", json=body, headers={"Authorization": "Bearer k2"}).status_code == 200
-        assert c.get("/v1/models", headers={"Authorization": "Bearer k1"}).status_code == 200
+    messages = [{"role": "user", "content": "Hi"}]
+    chat = client.chat.completions.create(messages=messages, n=3, seed=1, **common | {"temperature": 1.0})
+    assert [c.index for c in chat.choices] == [0, 1, 2] and chat.usage.completion_tokens == 18
+    streamed = client.chat.completions.create(messages=messages, stream=True, **common)
+    text = "".join(c.choices[0].delta.content or "" for c in streamed if c.choices)
+    assert text == client.chat.completions.create(messages=messages, **common).choices[0].message.content
 
-
-def test_shutting_down_answers_503_but_health_stays_up(engines):
-    app = create_app(engines)
-    with TestClient(app) as c:
-        app.state.closing = True
-        assert_error(c.post("/v1/completions", json={"prompt": "Hi"}), 503, "shutting down", "server_error")
-        assert c.get("/health").status_code == 200
-
-
-def test_a_client_leaving_an_http_stream_aborts_its_choices(client, engines):
-    engine = engines[0]
-    manager = engine.engine.scheduler.block_manager
-    before = engine.engine.stats.generated_tokens
-    body = {"prompt": [9, 9], "max_tokens": 250, "ignore_eos": True, "stream": True, "n": 2}
-    with client.stream("POST", "/v1/completions", json=body) as response:
-        next(response.iter_lines())  # the first chunk arrived; now hang up
-    deadline = time.monotonic() + 10
-    while (engine.num_requests or manager.num_free_blocks != manager.num_blocks) \
-            and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert engine.num_requests == 0 and manager.num_free_blocks == manager.num_blocks
-    assert engine.engine.stats.generated_tokens - before < 500, "the choices ran to their end"
+    stop = client.completions.create(prompt="Hello", stop=[whole.choices[0].text[2:4]], **common)
+    assert stop.choices[0].finish_reason == "stop"
+    for bad in (dict(max_tokens=-1), dict(top_p=2), dict(logprobs=50), dict(prompt=[10**6]),
+                dict(prompt=""), dict(prompt=[1] * 200)):
+        with pytest.raises(BadRequestError):
+            client.completions.create(**(dict(model="a", prompt="Hi") | bad))
+    with pytest.raises(NotFoundError):
+        client.completions.create(model="nope", prompt="Hi")
+    assert client.completions.create(model="a", prompt="Hi", max_tokens=2).choices[0].text is not None
 
 
 def test_logprobs_in_completions_and_chat_streamed_or_not(client, model_dir):

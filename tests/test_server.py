@@ -179,6 +179,65 @@ def test_leaving_a_stream_aborts_the_request_and_frees_its_blocks(engines):
     assert engine.engine.stats.generated_tokens - before < 250, "the request ran to its end"
 
 
+def test_metrics_count_finished_requests_and_tokens(client):
+    def value(text: str, name: str) -> float:
+        lines = [line for line in text.splitlines() if line.startswith(name) and 'model="tiny"' in line]
+        return sum(float(line.rsplit(" ", 1)[1]) for line in lines)
+
+    before = client.get("/metrics").text
+    client.post("/v1/completions", json={"prompt": [5, 6], "max_tokens": 4, "ignore_eos": True})
+    after = client.get("/metrics").text
+    for name, grew_by in (("pico_vllm_generation_tokens_total", 4), ("pico_vllm_prompt_tokens_total", 2),
+                          ("pico_vllm_requests_total", 1)):
+        assert value(after, name) - value(before, name) == grew_by, name
+    assert "pico_vllm_requests_in_flight" in after
+
+
+def test_tokenize_and_detokenize_round_trip(client):
+    tokens = client.post("/tokenize", json={"prompt": "Hello there"}).json()
+    assert tokens["count"] == len(tokens["tokens"]) > 0 and tokens["max_model_len"] == 256
+    assert client.post("/detokenize", json={"tokens": tokens["tokens"]}).json() == {"prompt": "Hello there"}
+    chat = client.post("/tokenize", json={"messages": [{"role": "user", "content": "Hi"}]}).json()
+    assert client.post("/detokenize", json={"tokens": chat["tokens"]}).json()["prompt"].endswith("assistant:")
+    assert_error(client.post("/detokenize", json={"tokens": [10**6]}), 400, "outside the vocabulary")
+    assert_error(client.post("/tokenize", json={}), 400, "exactly one of prompt and messages")
+
+
+def test_rate_limit_per_key_answers_429_with_retry_after(engines):
+    with TestClient(create_app(engines, rate_limit=0.5)) as c:
+        body = {"prompt": "Hi", "max_tokens": 1}
+        assert c.post("/v1/completions", json=body, headers={"Authorization": "Bearer k1"}).status_code == 200
+        limited = c.post("/v1/completions", json=body, headers={"Authorization": "Bearer k1"})
+        assert_error(limited, 429, "rate limit of 0.5 requests/s", "rate_limit_error")
+        assert limited.headers["Retry-After"] == "2"
+        # another key has its own bucket; reads are not limited
+        assert c.post("/v1/completions", json=body, headers={"Authorization": "Bearer k2"}).status_code == 200
+        assert c.get("/v1/models", headers={"Authorization": "Bearer k1"}).status_code == 200
+
+
+def test_shutting_down_answers_503_but_health_stays_up(engines):
+    app = create_app(engines)
+    with TestClient(app) as c:
+        app.state.closing = True
+        assert_error(c.post("/v1/completions", json={"prompt": "Hi"}), 503, "shutting down", "server_error")
+        assert c.get("/health").status_code == 200
+
+
+def test_a_client_leaving_an_http_stream_aborts_its_choices(client, engines):
+    engine = engines[0]
+    manager = engine.engine.scheduler.block_manager
+    before = engine.engine.stats.generated_tokens
+    body = {"prompt": [9, 9], "max_tokens": 250, "ignore_eos": True, "stream": True, "n": 2}
+    with client.stream("POST", "/v1/completions", json=body) as response:
+        next(response.iter_lines())  # the first chunk arrived; now hang up
+    deadline = time.monotonic() + 10
+    while (engine.num_requests or manager.num_free_blocks != manager.num_blocks) \
+            and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert engine.num_requests == 0 and manager.num_free_blocks == manager.num_blocks
+    assert engine.engine.stats.generated_tokens - before < 500, "the choices ran to their end"
+
+
 def free_port() -> int:
     import socket
 

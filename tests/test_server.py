@@ -158,6 +158,7 @@ def test_a_full_queue_answers_429_with_retry_after(engines):
             del engine._queues["occupied"]
         assert_error(response, 429, "at capacity", "rate_limit_error")
         assert response.headers["Retry-After"] == "1"
+        assert 'pico_vllm_rejected_requests_total{reason="queue_full"} 1.0' in c.get("/metrics").text
 
 
 def test_leaving_a_stream_aborts_the_request_and_frees_its_blocks(engines):
@@ -188,9 +189,16 @@ def test_metrics_count_finished_requests_and_tokens(client):
     client.post("/v1/completions", json={"prompt": [5, 6], "max_tokens": 4, "ignore_eos": True})
     after = client.get("/metrics").text
     for name, grew_by in (("pico_vllm_generation_tokens_total", 4), ("pico_vllm_prompt_tokens_total", 2),
-                          ("pico_vllm_requests_total", 1)):
+                          ("pico_vllm_requests_total", 1),
+                          ("pico_vllm_time_to_first_token_seconds_count", 1),
+                          ("pico_vllm_e2e_request_latency_seconds_count", 1)):
         assert value(after, name) - value(before, name) == grew_by, name
-    assert "pico_vllm_requests_in_flight" in after
+    # Between requests nothing runs or waits, and no block is held (cached blocks count as free).
+    for name in ("pico_vllm_requests_in_flight", "pico_vllm_requests_running",
+                 "pico_vllm_requests_waiting", "pico_vllm_kv_blocks_used"):
+        assert value(after, name) == 0, name
+    assert value(after, "pico_vllm_kv_blocks_total") == 64
+    assert "pico_vllm_prefix_cache_hit_tokens" in after and "pico_vllm_preemptions" in after
 
 
 def test_tokenize_and_detokenize_round_trip(client):

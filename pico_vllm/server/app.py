@@ -23,7 +23,14 @@ from typing import Literal
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
 from pydantic import BaseModel, ConfigDict, Field
 
 from pico_vllm.outputs import RequestOutput
@@ -154,15 +161,48 @@ class Metrics:
                                      registry=self.registry)
         self.generated_tokens = Counter("pico_vllm_generation_tokens", "generated tokens", ["model"],
                                         registry=self.registry)
-        in_flight = Gauge("pico_vllm_requests_in_flight", "requests queued or running", ["model"],
-                          registry=self.registry)
-        for engine in engines:
-            in_flight.labels(engine.name).set_function(lambda e=engine: e.num_requests)
+        self.rejected = Counter("pico_vllm_rejected_requests", "requests answered 429", ["reason"],
+                                registry=self.registry)
+        self.ttft = Histogram("pico_vllm_time_to_first_token_seconds", "arrival to first token",
+                              ["model"], registry=self.registry, buckets=LATENCY_BUCKETS)
+        self.e2e = Histogram("pico_vllm_e2e_request_latency_seconds", "arrival to last token",
+                             ["model"], registry=self.registry, buckets=LATENCY_BUCKETS)
+        # Engine state, read from the engine thread's objects when scraped (ints: no lock needed).
+        gauges = {
+            "pico_vllm_requests_in_flight": ("requests queued or running", lambda e: e.num_requests),
+            "pico_vllm_requests_running": ("sequences running", lambda e: len(e.engine.scheduler.running)),
+            "pico_vllm_requests_waiting": ("sequences waiting", lambda e: e.engine.scheduler.num_waiting),
+            "pico_vllm_kv_blocks_total": ("KV blocks in the pool",
+                                          lambda e: e.engine.scheduler.block_manager.num_blocks),
+            "pico_vllm_kv_blocks_used": ("KV blocks held by sequences", lambda e: _blocks_used(e)),
+            "pico_vllm_prefix_cache_hit_tokens": ("prompt tokens served by the prefix cache",
+                                                  lambda e: e.engine.stats.cached_prompt_tokens),
+            "pico_vllm_preemptions": ("sequences preempted", lambda e: e.engine.stats.preemptions),
+        }
+        for name, (doc, read) in gauges.items():
+            gauge = Gauge(name, doc, ["model"], registry=self.registry)
+            for engine in engines:
+                gauge.labels(engine.name).set_function(lambda e=engine, read=read: read(e))
 
-    def record(self, model: str, out: RequestOutput) -> None:
-        self.requests.labels(model, out.finish_reason).inc()
-        self.prompt_tokens.labels(model).inc(len(out.prompt_token_ids))
-        self.generated_tokens.labels(model).inc(len(out.token_ids))
+    def recorder(self, started: float, first_token_at: float) -> Callable[[str, RequestOutput], None]:
+        """What a request calls with each choice's final output (times from ``time.monotonic``;
+        the first token is when every choice had produced one)."""
+        def record(model: str, out: RequestOutput) -> None:
+            self.ttft.labels(model).observe(first_token_at - started)
+            self.e2e.labels(model).observe(time.monotonic() - started)
+            self.requests.labels(model, out.finish_reason).inc()
+            self.prompt_tokens.labels(model).inc(len(out.prompt_token_ids))
+            self.generated_tokens.labels(model).inc(len(out.token_ids))
+
+        return record
+
+
+LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+def _blocks_used(engine: AsyncEngine) -> int:
+    manager = engine.engine.scheduler.block_manager
+    return manager.num_blocks - manager.num_free_blocks  # cached-but-unused blocks count as free
 
 
 OPEN_PATHS = ("/health", "/metrics")  # answered without an API key, even while shutting down
@@ -215,6 +255,7 @@ def create_app(
                                         TokenBucket(rate_limit))
             wait = bucket.take()
             if wait:
+                metrics.rejected.labels("rate_limit").inc()
                 return error_response(APIError(
                     429, f"rate limit of {rate_limit:g} requests/s exceeded", "rate_limit_error",
                     headers={"Retry-After": str(math.ceil(wait))}))
@@ -230,6 +271,7 @@ def create_app(
 
     def admit(engine: AsyncEngine) -> None:
         if engine.num_requests >= max_queue:
+            metrics.rejected.labels("queue_full").inc()
             raise APIError(429, f"server is at capacity ({max_queue} requests); retry shortly",
                            "rate_limit_error", headers={"Retry-After": "1"})
 
@@ -277,10 +319,12 @@ def create_app(
         if body.echo:
             prompt = body.prompt
             prefix = prompt if isinstance(prompt, str) else engine.tokenizer.decode(prompt)
+        started = time.monotonic()
         streams = await _start(engine, body.prompt, params, body.n)
+        record = metrics.recorder(started, first_token_at=time.monotonic())
         return await _respond(body, engine.name, "text_completion", streams,
                               lambda out, delta: {"text": delta},
-                              lambda out: {"text": prefix + out.text}, metrics.record,
+                              lambda out: {"text": prefix + out.text}, record,
                               _logprob_format(engine, chat=False) if params.logprobs is not None else None)
 
     @app.post("/v1/chat/completions")
@@ -293,11 +337,13 @@ def create_app(
             raise APIError(400, f"model {engine.name!r} has no chat template", param="messages")
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
         prompt = list(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+        started = time.monotonic()
         streams = await _start(engine, prompt, params, body.n)
+        record = metrics.recorder(started, first_token_at=time.monotonic())
         return await _respond(body, engine.name, "chat.completion", streams,
                               lambda out, delta: {"delta": {"content": delta}},
                               lambda out: {"message": {"role": "assistant", "content": out.text}},
-                              metrics.record,
+                              record,
                               _logprob_format(engine, chat=True) if params.logprobs is not None else None)
 
     return app

@@ -84,6 +84,7 @@ class LLMEngine:
         request_id = str(next(self._ids)) if request_id is None else request_id
         if request_id in self._requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
+        prompt = _unwrap_prompt_dict(prompt)
         token_ids = self._tokenize(prompt)
         bad_stops = [t for t in params.stop_token_ids if t >= self.vocab_size]
         if bad_stops:
@@ -93,8 +94,6 @@ class LLMEngine:
         seq = Sequence(request_id, token_ids, params)
         self.scheduler.add_sequence(seq)  # rejects what can never fit, before anything is kept
         text = prompt if isinstance(prompt, str) else None
-        if isinstance(prompt, dict):
-            text = prompt.get("prompt")
         detokenizer = IncrementalDetokenizer(self.tokenizer, list(params.stop), token_ids)
         self._requests[request_id] = _Request(seq, text, detokenizer)
         self.stats.prompt_tokens += len(token_ids)
@@ -153,8 +152,8 @@ class LLMEngine:
         for seq, index in zip(pending.seqs, indices):
             if seq.is_finished:
                 continue  # finished or aborted after this step was queued: its token is dropped
-            self.scheduler.token_known(seq, index, samples[seq].token_id)
             sample, request = samples[seq], self._requests[seq.request_id]
+            self.scheduler.token_known(seq, index, sample.token_id)
             num_output = index + 1 - seq.num_prompt_tokens
             self.stats.generated_tokens += 1
             if seq.params.logprobs is not None:
@@ -208,18 +207,7 @@ class LLMEngine:
             num_cached_tokens=seq.num_cached_tokens,
         )
 
-    def _tokenize(self, prompt: Prompt) -> list[int]:
-        if isinstance(prompt, dict):
-            keys = set(prompt)
-            if keys == {"prompt"}:
-                prompt = prompt["prompt"]
-            elif keys == {"prompt_token_ids"}:
-                prompt = prompt["prompt_token_ids"]
-            else:
-                raise ValueError(
-                    "a prompt dict must have exactly one key, 'prompt' (text) or "
-                    f"'prompt_token_ids' (a list of ints); got keys {sorted(keys)}"
-                )
+    def _tokenize(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
             if not prompt:
                 raise ValueError("prompt is empty")
@@ -237,3 +225,17 @@ class LLMEngine:
         if bad:
             raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size})")
         return list(prompt)
+
+
+def _unwrap_prompt_dict(prompt: Prompt) -> str | list[int]:
+    """vLLM's ``{"prompt": text}`` / ``{"prompt_token_ids": ids}`` -> the text or ids inside."""
+    if not isinstance(prompt, dict):
+        return prompt
+    if set(prompt) == {"prompt"}:
+        return prompt["prompt"]
+    if set(prompt) == {"prompt_token_ids"}:
+        return prompt["prompt_token_ids"]
+    raise ValueError(
+        "a prompt dict must have exactly one key, 'prompt' (text) or 'prompt_token_ids' (a list "
+        f"of ints); got keys {sorted(prompt)}"
+    )

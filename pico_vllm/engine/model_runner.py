@@ -126,22 +126,24 @@ class ModelRunner:
         # A sequence samples once every token it knows has its K/V computed.
         rows = [i for i, (seq, n) in enumerate(batch) if seq.num_computed_tokens + n == seq.num_tokens]
         seqs = [batch[i][0] for i in rows]
+        index = mx.array(rows)
         if all(n == 1 for _, n in batch):
-            logits, argmax = self._run_decode(batch, previous)
+            logits, argmax = self._run_decode(batch, previous)  # every row: the graph's shape
+            logits, argmax = (logits[index], argmax[index]) if rows else (logits, argmax)
         else:
             input_ids, positions, meta = self.prepare(batch)
             input_ids = self._take_placeholders(input_ids, batch, previous)
             hidden = self.model(input_ids, positions, self.cache, meta)
-            last_row = np.cumsum([n for _, n in batch]) - 1
+            # The LM head only for the rows that sample: mid-prompt chunks need no logits.
+            last_row = (np.cumsum([n for _, n in batch]) - 1)[rows]
             logits = self.model.compute_logits(hidden[mx.array(last_row)]).astype(mx.float32)
             argmax = None
         if not rows:
             return PendingStep([], None, self.cache.state)
-        index = mx.array(rows)
         if argmax is not None and self.sampler.is_plain_argmax(seqs):
-            samples = PendingSamples(argmax[index], [None] * len(seqs))
+            samples = PendingSamples(argmax, [None] * len(seqs))
         else:
-            samples = self.sampler.sample(logits[index], seqs)
+            samples = self.sampler.sample(logits, seqs)
         return PendingStep(seqs, samples, self.cache.state)
 
     def capture_all(self, progress=None) -> int:

@@ -291,8 +291,7 @@ def create_app(
         if body.prompt is not None:
             tokens = list(engine.tokenizer.encode(body.prompt))
         else:
-            messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-            tokens = list(engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+            tokens = _chat_prompt(engine, body.messages)
         return {"tokens": tokens, "count": len(tokens), "max_model_len": engine.max_model_len}
 
     @app.post("/detokenize")
@@ -332,11 +331,7 @@ def create_app(
         engine = engine_for(body.model)
         admit(engine)
         params = _params(body, body.max_completion_tokens or body.max_tokens)
-        tokenizer = engine.tokenizer
-        if getattr(tokenizer, "chat_template", None) is None:
-            raise APIError(400, f"model {engine.name!r} has no chat template", param="messages")
-        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-        prompt = list(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+        prompt = _chat_prompt(engine, body.messages)
         started = time.monotonic()
         streams = await _start(engine, prompt, params, body.n)
         record = metrics.recorder(started, first_token_at=time.monotonic())
@@ -347,6 +342,15 @@ def create_app(
                               _logprob_format(engine, chat=True) if params.logprobs is not None else None)
 
     return app
+
+
+def _chat_prompt(engine: AsyncEngine, messages: list[ChatMessage]) -> list[int]:
+    """Token ids of ``messages`` through the model's chat template, ready for the reply."""
+    tokenizer = engine.tokenizer
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise APIError(400, f"model {engine.name!r} has no chat template", param="messages")
+    turns = [{"role": m.role, "content": m.text()} for m in messages]
+    return list(tokenizer.apply_chat_template(turns, add_generation_prompt=True))
 
 
 MAX_N = 16  # choices per request

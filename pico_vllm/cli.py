@@ -146,6 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="requests per model queued or running; more get 429 with Retry-After")
     serve.add_argument("--rate-limit", type=float, default=None,
                        help="requests per second per API key (or client address); more get 429")
+    serve.add_argument("--shutdown-timeout", type=float, default=30.0,
+                       help="seconds that SIGINT/SIGTERM lets requests in flight finish (new ones get 503)")
     add_engine_flags(serve)
     return parser
 
@@ -280,6 +282,8 @@ def serve(args: argparse.Namespace) -> None:
         raise ValueError(f"got {len(names)} --served-model-name for {len(models)} --model")
     if args.max_queue < 1:
         raise ValueError(f"--max-queue must be >= 1, got {args.max_queue}")
+    if not args.shutdown_timeout >= 0:
+        raise ValueError(f"--shutdown-timeout must be >= 0, got {args.shutdown_timeout}")
     if args.rate_limit is not None and not args.rate_limit > 0:
         raise ValueError(f"--rate-limit must be > 0, got {args.rate_limit}")
     configs = []
@@ -291,12 +295,15 @@ def serve(args: argparse.Namespace) -> None:
 
     from pico_vllm.server.app import create_app
     from pico_vllm.server.async_engine import AsyncEngine
+    from pico_vllm.server.drain import DrainingServer
 
     engines = [AsyncEngine(config, name) for config, name in zip(configs, names)]
     print(f"[pico-vllm] serving {', '.join(names)} on http://{args.host}:{args.port}/v1", file=sys.stderr)
     try:
         app = create_app(engines, args.api_key, args.max_queue, args.rate_limit)
-        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+        config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
+                                timeout_graceful_shutdown=5)
+        DrainingServer(config, app, engines, args.shutdown_timeout).run()
     finally:
         for engine in engines:
             engine.shutdown()

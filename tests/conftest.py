@@ -5,6 +5,8 @@ embedded-model runs, the sanitizer builds of the emulated kernel and the benchma
 
 from __future__ import annotations
 
+import json
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -26,3 +28,16 @@ def random_model(tmp_path_factory) -> Callable[..., Path]:
         return built[key]
 
     return get
+
+
+CHAT_TEMPLATE = "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant:"
+
+
+@pytest.fixture(scope="session")
+def chat_model(random_model, tmp_path_factory) -> Path:
+    """A random Llama (head_dim 32) whose tokenizer has a chat template: what the server tests serve."""
+    target = tmp_path_factory.mktemp("served") / "model"
+    shutil.copytree(random_model("llama", head_dim=32), target)
+    config = json.loads((target / "tokenizer_config.json").read_text())
+    (target / "tokenizer_config.json").write_text(json.dumps(config | {"chat_template": CHAT_TEMPLATE}))
+    return target

@@ -109,6 +109,12 @@ def test_request_needing_more_blocks_than_the_pool_is_rejected(model_dir):
     assert_serves(llm)
 
 
+def test_max_model_len_beyond_the_models_limit_is_an_error_not_a_silent_cap(model_dir):
+    with pytest.raises(ValueError, match=r"max_model_len 4096 exceeds the model's limit of 1024 tokens"):
+        LLM(str(model_dir), num_blocks=8, max_model_len=4096)
+    assert LLM(str(model_dir), num_blocks=8, max_model_len=1024).engine.config.max_model_len == 1024
+
+
 def test_missing_model_path_and_unsupported_architecture(tmp_path, model_dir):
     with pytest.raises((FileNotFoundError, ValueError), match="does-not-exist"):
         LLM(str(tmp_path / "does-not-exist"))
@@ -171,9 +177,13 @@ def test_abort_frees_blocks_and_other_requests_finish(llm):
     engine = llm.engine
     keep = engine.add_request([1, 2, 3], GREEDY)
     drop = engine.add_request([4, 5, 6] * 10, SamplingParams(max_tokens=50, ignore_eos=True))
-    engine.step()
-    assert engine.abort_request(drop)
-    assert not engine.abort_request(drop)
+    emitted = {}
+    while drop not in emitted:  # async scheduling hands a step's tokens out one step later
+        emitted |= {o.request_id: o for o in engine.step()}
+    final = engine.abort_request(drop)
+    assert (final.finished, final.finish_reason) == (True, "abort")
+    assert final.token_ids == emitted[drop].token_ids and final.delta_token_ids == []
+    assert engine.abort_request(drop) is None
     outs = finish_all(engine)
     assert {o.request_id for o in outs} == {keep}
     assert_serves(llm)

@@ -56,7 +56,10 @@ class LLMEngine:
         self.model, self.tokenizer = loaded.model, loaded.tokenizer
         self.eos_token_ids = set(loaded.eos_token_ids)
         self.vocab_size = loaded.config["vocab_size"]
-        max_model_len = min(config.max_model_len or loaded.max_model_len, loaded.max_model_len)
+        if (config.max_model_len or 0) > loaded.max_model_len:
+            raise ValueError(f"max_model_len {config.max_model_len} exceeds the model's limit of "
+                             f"{loaded.max_model_len} tokens (max_position_embeddings)")
+        max_model_len = config.max_model_len or loaded.max_model_len
         sampler = Sampler(self.eos_token_ids, seed=config.seed)
         self.runner = ModelRunner(self.model, config, sampler, loaded.dtype, max_model_len)
         self.config = replace(config, num_blocks=self.runner.num_blocks, max_model_len=max_model_len)
@@ -104,11 +107,14 @@ class LLMEngine:
         seq = self._requests[request_id].seq
         return min(seq.num_computed_tokens, seq.num_prompt_tokens), seq.num_prompt_tokens
 
-    def abort_request(self, request_id: str) -> bool:
-        """Stop a request and free its blocks; False if it is unknown or already finished."""
-        if self._requests.pop(request_id, None) is None:
-            return False
-        return self.scheduler.abort(request_id)
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        """Stop a request and free its blocks. Returns its final output (``finish_reason``
+        "abort", the tokens already handed out), or None if it is unknown or already finished."""
+        request = self._requests.pop(request_id, None)
+        if request is None:
+            return None
+        self.scheduler.abort(request_id)
+        return self._output(request, "abort", request.emitted_tokens)
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished() or self._in_flight is not None

@@ -17,7 +17,6 @@ import asyncio
 import itertools
 import queue
 import threading
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from pico_vllm.config import EngineConfig
@@ -41,6 +40,10 @@ class _Abort:
     request_id: str
 
 
+class _AbortAll:
+    """Abort every request and hand each its final output (finish_reason "abort")."""
+
+
 class AsyncEngine:
     """An ``LLMEngine`` on its own thread; ``generate`` streams a request's outputs."""
 
@@ -53,6 +56,7 @@ class AsyncEngine:
         self._ready = threading.Event()
         self._startup_error: BaseException | None = None
         self._stopping = False
+        self._live = 0  # RequestStreams not yet ended; only the event loop touches it
         self.engine: LLMEngine | None = None
         self._thread = threading.Thread(target=self._run, args=(config, loaded), name=f"engine-{name}",
                                         daemon=False)
@@ -75,27 +79,25 @@ class AsyncEngine:
 
     @property
     def num_requests(self) -> int:
-        """Requests queued or running (the server's admission control reads it)."""
-        return len(self._queues)
+        """Requests submitted and not yet finished or closed (admission control reads it).
+        Counted on the asyncio side at submission: requests that arrive while the engine thread
+        is inside a step all count at once, before it has seen any of them."""
+        return self._live
 
-    async def generate(self, prompt: Prompt, params: SamplingParams) -> AsyncIterator[RequestOutput]:
-        """Submit a request and yield its outputs; raises ``ValueError`` for a request the
-        engine rejects. Leaving the loop early (a client that disconnected) aborts it."""
+    def generate(self, prompt: Prompt, params: SamplingParams) -> RequestStream:
+        """Submit a request now (it counts in ``num_requests`` from this call on) and return
+        its outputs as an async iterator; iterating raises ``ValueError`` if the engine rejects
+        the request. ``close()`` before the end (a client that disconnected) aborts it."""
         request_id = f"{self.name}-{next(self._ids)}"
         outputs: asyncio.Queue = asyncio.Queue()
         self._commands.put(_Add(request_id, prompt, params, asyncio.get_running_loop(), outputs))
-        finished = False
-        try:
-            while not finished:
-                item = await outputs.get()
-                if isinstance(item, BaseException):
-                    finished = True  # rejected: nothing to abort
-                    raise item
-                finished = item.finished
-                yield item
-        finally:
-            if not finished:
-                self._commands.put(_Abort(request_id))
+        self._live += 1
+        return RequestStream(self, request_id, outputs)
+
+    def abort_all(self) -> None:
+        """End every request now: each gets a final output with finish_reason "abort" (the
+        server does this when a shutdown's drain time is up)."""
+        self._commands.put(_AbortAll())
 
     def shutdown(self) -> None:
         self._stopping = True
@@ -139,6 +141,11 @@ class AsyncEngine:
                     self.engine.add_request(command.prompt, command.params, command.request_id)
                 except (ValueError, TypeError) as e:
                     self._send(command.request_id, e)
+            elif isinstance(command, _AbortAll):
+                for request_id in list(self._queues):
+                    final = self.engine.abort_request(request_id)
+                    if final is not None:
+                        self._send(request_id, final)
             elif command.request_id in self._queues:
                 self.engine.abort_request(command.request_id)
                 del self._queues[command.request_id]
@@ -155,3 +162,38 @@ class AsyncEngine:
         except RuntimeError:  # the caller's event loop is closed: nobody will read this request
             self._queues.pop(request_id, None)
             self.engine.abort_request(request_id)
+
+
+class RequestStream:
+    """One request's outputs, in order, as ``async for`` yields them. It ends after the
+    finished output, or by ``close()``, which aborts the request if it had not finished (safe
+    to call twice, and before iterating)."""
+
+    def __init__(self, engine: AsyncEngine, request_id: str, outputs: asyncio.Queue) -> None:
+        self.engine, self.request_id, self._outputs = engine, request_id, outputs
+        self._ended = False
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self._ended:
+            raise StopAsyncIteration
+        item = await self._outputs.get()
+        if isinstance(item, BaseException):  # rejected, or an engine error: nothing to abort
+            self._end()
+            raise item
+        if item.finished:
+            self._end()
+        return item
+
+    def close(self) -> None:
+        """Abort the request unless it has ended. Not a coroutine, so that it also runs in a
+        ``finally`` of a cancelled task (anyio cancels every later ``await`` there)."""
+        if not self._ended:
+            self._end()
+            self.engine._commands.put(_Abort(self.request_id))
+
+    def _end(self) -> None:
+        self._ended = True
+        self.engine._live -= 1

@@ -203,6 +203,7 @@ def test_metrics_count_finished_requests_and_tokens(client):
     for name, grew_by in (("pico_vllm_generation_tokens_total", 4), ("pico_vllm_prompt_tokens_total", 2),
                           ("pico_vllm_requests_total", 1),
                           ("pico_vllm_time_to_first_token_seconds_count", 1),
+                          ("pico_vllm_inter_token_latency_seconds_count", 3),  # tokens after the first
                           ("pico_vllm_e2e_request_latency_seconds_count", 1)):
         assert value(after, name) - value(before, name) == grew_by, name
     # Between requests nothing runs or waits, and no block is held (cached blocks count as free).

@@ -15,12 +15,15 @@ endif
 
 PYTEST_ARGS ?=
 
-.PHONY: help sync run test lint clean
+.PHONY: help sync run test lint clean notebooks notebooks-figures strip-notebooks
 
 help:
 	@echo "make run    set up, then run the benchmark sandbox on the embedded default model"
 	@echo "make test   set up, then run the test suite"
 	@echo "make lint   ruff"
+	@echo "make notebooks          open the notebooks in JupyterLab"
+	@echo "make notebooks-figures  run every notebook, refreshing notebooks/figures/ (outputs not kept)"
+	@echo "make strip-notebooks    remove outputs from the notebooks before committing"
 	@echo "make clean  remove the venv and caches"
 
 $(CURDIR)/.tools/bin/uv:
@@ -37,8 +40,13 @@ test: sync
 	$(UV) run pytest $(PYTEST_ARGS)
 
 lint: sync
-	$(UV) run ruff check pico_vllm metal_kernels tests
+	$(UV) run ruff check pico_vllm metal_kernels tests notebooks
 
-clean:
-	rm -rf .venv .tools .pytest_cache .ruff_cache .hypothesis
-	find . -name __pycache__ -type d -prune -exec rm -rf {} +
+notebooks: sync
+	$(UV) run --with jupyterlab jupyter lab notebooks/
+
+notebooks-figures: sync
+	cd notebooks && for nb in [0-9]*.ipynb; do $(UV) run jupyter execute "$$nb" || exit 1; done
+
+strip-notebooks: sync
+	$(UV) run python notebooks/_strip.py

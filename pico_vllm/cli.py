@@ -204,6 +204,10 @@ def generate(args: argparse.Namespace, terminal: _Terminal) -> None:
               "(--dtype auto picks float32 here)", file=sys.stderr)
     started = time.perf_counter()
     llm = LLM(**vars(config))
+    if llm.engine.group is not None and llm.engine.group.rank() != 0:
+        # Tensor parallel: every rank runs the same requests; rank 0 alone speaks. (Start-up
+        # errors, raised above, are printed by every rank.)
+        sys.stdout = sys.stderr = open(os.devnull, "w")  # noqa: SIM115 (for the process's life)
     print(f"[pico-vllm] loaded {config.model or 'embedded SmolLM2-135M-Instruct'} in "
           f"{time.perf_counter() - started:.1f}s", file=sys.stderr)
     prompt = text

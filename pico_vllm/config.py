@@ -37,6 +37,8 @@ class EngineConfig:
         async_scheduling: queue step n+1 before reading step n back, so the host's scheduling
             and detokenizing overlap the model's compute (greedy outputs are unchanged).
         seed: seed of the global RNG used by requests that give no seed of their own.
+        tensor_parallel_size: ranks the model is split over (tensor parallelism); more than 1
+            needs that many processes started by ``mlx.launch`` (see the README).
     """
 
     model: str | None = None
@@ -52,6 +54,7 @@ class EngineConfig:
     capture_graphs: str = "lazy"
     async_scheduling: bool = True
     seed: int = 0
+    tensor_parallel_size: int = 1
 
     def __post_init__(self) -> None:
         if self.dtype not in ("auto", "float32", "float16", "bfloat16"):
@@ -66,6 +69,8 @@ class EngineConfig:
                 raise ValueError(f"{name} must be >= 1, got {value}")
         if self.capture_graphs not in ("lazy", "eager"):
             raise ValueError(f"capture_graphs must be 'lazy' or 'eager', got {self.capture_graphs!r}")
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
         if self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
         if self.max_num_batched_tokens < 1:

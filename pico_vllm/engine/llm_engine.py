@@ -11,9 +11,10 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass, field, replace
 
+from pico_vllm import distributed
 from pico_vllm.config import EngineConfig
 from pico_vllm.engine.detokenizer import IncrementalDetokenizer
-from pico_vllm.engine.model_runner import ModelRunner, PendingStep
+from pico_vllm.engine.model_runner import ModelRunner, PendingStep, resolve_num_blocks
 from pico_vllm.engine.scheduler import Scheduler
 from pico_vllm.engine.sequence import Sequence
 from pico_vllm.layers.sampler import Sampler
@@ -60,6 +61,13 @@ class LLMEngine:
             raise ValueError(f"max_model_len {config.max_model_len} exceeds the model's limit of "
                              f"{loaded.max_model_len} tokens (max_position_embeddings)")
         max_model_len = config.max_model_len or loaded.max_model_len
+        self.group = None  # the tensor-parallel group, when the model is split over ranks
+        if config.tensor_parallel_size > 1:
+            self.group = distributed.tensor_parallel_group(config.tensor_parallel_size)
+            self.model.shard(self.group)
+            # Every rank must run the same schedule: the same number of blocks everywhere.
+            own = resolve_num_blocks(config, self.model, loaded.dtype)
+            config = replace(config, num_blocks=distributed.smallest(own, self.group))
         sampler = Sampler(self.eos_token_ids, seed=config.seed)
         self.runner = ModelRunner(self.model, config, sampler, loaded.dtype, max_model_len)
         self.config = replace(config, num_blocks=self.runner.num_blocks, max_model_len=max_model_len)
@@ -154,6 +162,8 @@ class LLMEngine:
     def _complete(self, pending: PendingStep, indices: list[int]) -> list[RequestOutput]:
         """Read a step back: fill in its tokens, detokenize, check stops, finish requests."""
         samples = pending.resolve()
+        if self.group is not None and distributed.check_samples_enabled():
+            distributed.check_same_tokens([samples[seq].token_id for seq in pending.seqs], self.group)
         outputs = []
         for seq, index in zip(pending.seqs, indices):
             if seq.is_finished:

@@ -12,9 +12,11 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.nn.layers.distributed import shard_linear
 from mlx_lm.models.base import BaseModelArgs
 from mlx_lm.models.rope_utils import initialize_rope
 
+from pico_vllm.distributed import check_shardable
 from pico_vllm.layers.attention import AttentionMetadata, KVCache, KVSpec, attention
 
 
@@ -154,8 +156,27 @@ class Model(nn.Module):
             weights.pop("lm_head.biases", None)
         return weights
 
+    def shard(self, group: mx.distributed.Group) -> None:
+        """Keep this rank's slice for tensor parallelism over ``group`` (Megatron's split, with
+        MLX's sharded layers): q/k/v and gate/up by output features, o_proj and down by input
+        features plus one ``all_sum`` each. Embeddings, norms and the LM head stay whole."""
+        n, args = group.size(), self.args
+        check_shardable(args.num_attention_heads, args.num_key_value_heads, args.intermediate_size, n)
+        for layer in self.model.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            for name in ("q_proj", "k_proj", "v_proj"):
+                setattr(attn, name, shard_linear(getattr(attn, name), "all-to-sharded", group=group))
+            attn.o_proj = shard_linear(attn.o_proj, "sharded-to-all", group=group)
+            attn.num_heads //= n
+            attn.num_kv_heads //= n
+            mlp.gate_proj = shard_linear(mlp.gate_proj, "all-to-sharded", group=group)
+            mlp.up_proj = shard_linear(mlp.up_proj, "all-to-sharded", group=group)
+            mlp.down_proj = shard_linear(mlp.down_proj, "sharded-to-all", group=group)
+        mx.eval(self.parameters())
+
     @property
     def kv_spec(self) -> KVSpec:
-        """What this model's KV pool must hold: layers, KV heads, head_dim."""
+        """What this model's KV pool must hold: layers, KV heads (this rank's, when sharded),
+        head_dim."""
         args = self.args
-        return KVSpec(args.num_hidden_layers, args.num_key_value_heads, args.head_dim)
+        return KVSpec(args.num_hidden_layers, self.model.layers[0].self_attn.num_kv_heads, args.head_dim)

@@ -1,0 +1,67 @@
+"""Tensor parallelism over ``mx.distributed``: one engine across the ranks of ``mlx.launch``.
+
+Every rank loads the whole checkpoint, then keeps only its slice (``Model.shard``, built on MLX's
+``shard_linear``): q/k/v and gate/up are split by output features, o_proj and down by input
+features followed by one ``all_sum`` each; embeddings, norms and the LM head are replicated. So
+each rank holds ``1/N`` of the attention and MLP weights and a KV pool with ``1/N`` of the KV
+heads, and after each layer's ``all_sum`` every rank has the same hidden state, hence the same
+logits and — with the same seed — the same samples.
+
+Nothing else is exchanged. Every rank runs the same scheduler and block manager over the same
+requests (an offline run gives every rank the same prompts; the server's rank 0 ships each new
+request to the others), so their block tables agree without messages. What must not differ is
+checked: the pool size (the smallest any rank can hold) and, with ``PICO_VLLM_CHECK_TP=1``, the
+sampled ids of every step.
+"""
+
+from __future__ import annotations
+
+import os
+
+import mlx.core as mx
+
+CHECK_SAMPLES_ENV = "PICO_VLLM_CHECK_TP"
+
+
+def tensor_parallel_group(size: int) -> mx.distributed.Group:
+    """The ``mx.distributed`` group of ``size`` ranks this process was launched into."""
+    group = mx.distributed.init()
+    if group.size() == 1:
+        raise ValueError(
+            f"tensor_parallel_size {size} needs {size} processes started by mlx.launch (e.g. "
+            f"`mlx.launch --backend ring -n {size} ...`); this process has no distributed group"
+        )
+    if group.size() != size:
+        raise ValueError(f"tensor_parallel_size {size} does not match the {group.size()} ranks launched")
+    return group
+
+
+def check_shardable(num_heads: int, num_kv_heads: int, intermediate_size: int, size: int) -> None:
+    """Each rank must get whole attention heads, whole KV heads and an equal MLP slice."""
+    for name, value in (("num_attention_heads", num_heads), ("num_key_value_heads", num_kv_heads),
+                        ("intermediate_size", intermediate_size)):
+        if value < size:
+            raise ValueError(f"tensor_parallel_size {size} is more than the model's {name} ({value})")
+        if value % size:
+            raise ValueError(f"tensor_parallel_size {size} does not divide the model's {name} ({value})")
+
+
+def smallest(value: int, group: mx.distributed.Group) -> int:
+    """The smallest ``value`` over all ranks (e.g. the pool size every rank can hold)."""
+    return int(mx.distributed.all_min(mx.array(value), group=group).item())
+
+
+def check_samples_enabled() -> bool:
+    return os.environ.get(CHECK_SAMPLES_ENV, "") not in ("", "0")
+
+
+def check_same_tokens(token_ids: list[int], group: mx.distributed.Group) -> None:
+    """Fail loudly unless every rank sampled exactly these ids this step (debug mode)."""
+    mine = mx.array(token_ids or [0], dtype=mx.int32)
+    low = mx.distributed.all_min(mine, group=group)
+    high = mx.distributed.all_max(mine, group=group)
+    if not (mx.array_equal(low, mine) and mx.array_equal(high, mine)).item():
+        raise RuntimeError(
+            f"tensor-parallel ranks sampled different tokens: rank {group.rank()} has {token_ids}, "
+            f"the ranks' minimum is {low.tolist()} and maximum {high.tolist()}"
+        )

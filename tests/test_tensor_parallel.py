@@ -1,0 +1,100 @@
+"""Tensor parallelism: 2 ranks on 127.0.0.1 (`mlx.launch --backend ring -n 2`) decode exactly what
+one process decodes, each rank holding half the KV heads and half the sharded weights; bad
+configurations fail at start-up on every rank, and nothing hangs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from mlx.utils import tree_flatten
+
+from pico_vllm import LLM, EngineConfig, SamplingParams
+from pico_vllm.engine.llm_engine import LLMEngine
+
+TESTS = Path(__file__).parent
+LAUNCH = Path(sys.executable).with_name("mlx.launch")
+ENGINE = dict(num_blocks=24, block_size=8, max_num_batched_tokens=32, max_num_seqs=8)  # chunks, preemption
+PROMPTS = [[(7 * i + j) % 250 + 1 for j in range(12 + 5 * i)] for i in range(8)]
+
+
+def launch(tmp_path: Path, specs: list[dict], ranks: int = 2,
+           timeout: int = 240) -> subprocess.CompletedProcess:
+    """Run tp_worker.py on ``ranks`` local processes; the whole process group dies on a timeout."""
+    spec_file = tmp_path / "spec.json"
+    spec_file.write_text(json.dumps(specs))
+    command = [str(LAUNCH), "--backend", "ring", "-n", str(ranks), sys.executable,
+               str(TESTS / "tp_worker.py"), str(spec_file), str(tmp_path / "out")]
+    env = {**os.environ, "PICO_VLLM_CHECK_TP": "1"}  # compare the sampled ids across ranks every step
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                               start_new_session=True)
+    try:
+        out, err = process.communicate(timeout=timeout)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
+    return subprocess.CompletedProcess(command, process.returncode, out, err)
+
+
+@pytest.mark.slow
+def test_two_ranks_decode_what_one_process_decodes_with_half_the_heads_and_weights(random_model, tmp_path):
+    models = [random_model("llama", head_dim=32, num_attention_heads=4, num_key_value_heads=2),
+              random_model("qwen2", head_dim=32, num_attention_heads=8, num_key_value_heads=4),
+              random_model("qwen3", head_dim=32, num_attention_heads=4, num_key_value_heads=2)]
+    specs = [{"model": str(m), "engine": ENGINE, "prompts": PROMPTS, "max_tokens": 24} for m in models]
+    result = launch(tmp_path, specs)
+    assert result.returncode == 0, result.stderr[-4000:]
+    ranks = [json.loads((tmp_path / f"out.rank{r}.json").read_text()) for r in (0, 1)]
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    for i, model in enumerate(models):
+        single = LLM(str(model), **ENGINE)
+        expected = [o.token_ids for o in single.generate(PROMPTS, params, use_tqdm=False)]
+        weights = dict(tree_flatten(single.engine.model.parameters()))
+        replicated = sum(w.nbytes for name, w in weights.items() if "embed" in name or "lm_head" in name
+                         or "norm" in name)
+        sharded = sum(w.nbytes for w in weights.values()) - replicated
+        heads = single.engine.runner.cache.state[0].shape[0]
+        for rank in ranks:
+            report = rank[i]
+            assert report["tokens"] == expected, f"{model.name}: tokens differ from one process"
+            assert report["preemptions"] > 0  # the small pool preempted, and recomputation agreed
+            assert report["kv_heads"] * 2 == heads
+            assert report["param_bytes"] == replicated + sharded // 2
+
+
+@pytest.mark.parametrize("heads,kv_heads,message", [
+    (6, 3, "tensor_parallel_size 2 does not divide the model's num_key_value_heads (3)"),
+    (4, 1, "tensor_parallel_size 2 is more than the model's num_key_value_heads (1)"),
+])
+@pytest.mark.slow
+def test_a_model_that_does_not_split_fails_on_every_rank_at_start_up(random_model, tmp_path, heads, kv_heads,
+                                                                    message):
+    model = random_model("llama", head_dim=32, num_attention_heads=heads, num_key_value_heads=kv_heads)
+    result = launch(tmp_path, [{"model": str(model), "engine": ENGINE, "prompts": PROMPTS, "max_tokens": 4}],
+                    timeout=120)  # returns: no rank is left waiting in a collective
+    # Every rank checks before any communication, so each fails on its own; mlx.launch (which
+    # itself exits 0) stops the other rank once one has exited, sometimes before it printed.
+    assert message in result.stderr, result.stderr[-4000:]
+    assert "exited with code 1" in result.stderr and not list(tmp_path.glob("out.rank*.json"))
+
+
+@pytest.mark.slow
+def test_ranks_that_sample_differently_fail_loudly_in_check_mode(random_model, tmp_path):
+    model = random_model("llama", head_dim=32, num_attention_heads=4, num_key_value_heads=2)
+    spec = {"model": str(model), "engine": ENGINE, "prompts": PROMPTS, "max_tokens": 8, "seed_by_rank": True}
+    result = launch(tmp_path, [spec], timeout=120)
+    assert "tensor-parallel ranks sampled different tokens" in result.stderr, result.stderr[-4000:]
+
+
+def test_tensor_parallel_without_a_launched_group_is_a_clear_error(random_model):
+    with pytest.raises(ValueError, match=r"tensor_parallel_size 2 needs 2 processes started by mlx.launch"):
+        model = str(random_model("llama", head_dim=32))
+        LLMEngine(EngineConfig(model=model, num_blocks=8, tensor_parallel_size=2))
+    with pytest.raises(ValueError, match="tensor_parallel_size must be >= 1, got 0"):
+        EngineConfig(tensor_parallel_size=0)

@@ -1,0 +1,45 @@
+"""One rank of a tensor-parallel run, started by ``mlx.launch`` from ``test_tensor_parallel.py``.
+
+Usage: ``tp_worker.py SPEC_JSON OUT_PREFIX``. For each run in the spec (a model folder, engine
+arguments, prompts, max_tokens) it builds the engine with ``tensor_parallel_size`` = the number
+of ranks, decodes the prompts greedily, and writes ``OUT_PREFIX.rank<R>.json``: per run, each
+prompt's tokens, the pool's KV-head count, this rank's parameter bytes, preemptions."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+from mlx.utils import tree_flatten
+
+from pico_vllm import EngineConfig, SamplingParams
+from pico_vllm.engine.llm_engine import LLMEngine
+
+
+def run(spec: dict, group: mx.distributed.Group) -> dict:
+    engine_args = spec["engine"] | ({"seed": group.rank()} if spec.get("seed_by_rank") else {})
+    engine = LLMEngine(EngineConfig(model=spec["model"], tensor_parallel_size=group.size(), **engine_args))
+    # seed_by_rank: a planted fault, sampling at temperature 1 from a different seed on each rank.
+    params = SamplingParams(temperature=1.0 if spec.get("seed_by_rank") else 0, max_tokens=spec["max_tokens"],
+                            ignore_eos=True)
+    ids = [engine.add_request(prompt, params) for prompt in spec["prompts"]]
+    tokens: dict[str, list[int]] = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                tokens[out.request_id] = out.token_ids
+    return {
+        "tokens": [tokens[i] for i in ids],
+        "kv_heads": engine.runner.cache.state[0].shape[0],
+        "param_bytes": sum(p.nbytes for _, p in tree_flatten(engine.model.parameters())),
+        "preemptions": engine.stats.preemptions,
+    }
+
+
+if __name__ == "__main__":
+    specs, out_prefix = json.loads(Path(sys.argv[1]).read_text()), sys.argv[2]
+    group = mx.distributed.init()
+    reports = [run(spec, group) for spec in specs]
+    Path(f"{out_prefix}.rank{group.rank()}.json").write_text(json.dumps(reports))

@@ -8,6 +8,7 @@ import argparse
 import dataclasses
 import os
 import re
+import signal
 import sys
 import time
 from pathlib import Path
@@ -301,6 +302,20 @@ def serve(args: argparse.Namespace) -> None:
     from pico_vllm.server.async_engine import AsyncEngine
     from pico_vllm.server.drain import DrainingServer
 
+    if configs[0].tensor_parallel_size > 1:
+        if len(configs) > 1:
+            raise ValueError("--tensor-parallel-size serves one --model")
+        import mlx.core as mx
+
+        if mx.distributed.init().rank() != 0:  # no HTTP here: follow rank 0's requests
+            from pico_vllm.server.async_engine import follow
+
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # rank 0 drains, then tells us to stop
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            follow(configs[0])
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(0)  # as below: skip MLX's exit-time destructors
     engines = [AsyncEngine(config, name) for config, name in zip(configs, names)]
     print(f"[pico-vllm] serving {', '.join(names)} on http://{args.host}:{args.port}/v1", file=sys.stderr)
     try:

@@ -17,8 +17,10 @@ sampled ids of every step.
 from __future__ import annotations
 
 import os
+import pickle
 
 import mlx.core as mx
+import numpy as np
 
 CHECK_SAMPLES_ENV = "PICO_VLLM_CHECK_TP"
 
@@ -48,7 +50,16 @@ def check_shardable(num_heads: int, num_kv_heads: int, intermediate_size: int, s
 
 def smallest(value: int, group: mx.distributed.Group) -> int:
     """The smallest ``value`` over all ranks (e.g. the pool size every rank can hold)."""
-    return int(mx.distributed.all_min(mx.array(value), group=group).item())
+    return int(mx.distributed.all_min(mx.array(value), group=group, stream=mx.cpu).item())
+
+
+def share(obj: object, group: mx.distributed.Group) -> object:
+    """Rank 0's ``obj`` on every rank (pickled bytes, summed with zeros from the others): how a
+    tensor-parallel server ships each loop's new requests and aborts to the other ranks."""
+    data = pickle.dumps(obj) if group.rank() == 0 else b""
+    size = int(mx.distributed.all_sum(mx.array(len(data)), group=group, stream=mx.cpu).item())
+    buffer = mx.array(np.frombuffer(data, np.uint8)) if data else mx.zeros(size, mx.uint8)
+    return pickle.loads(np.array(mx.distributed.all_sum(buffer, group=group, stream=mx.cpu)).tobytes())
 
 
 def check_samples_enabled() -> bool:
@@ -58,8 +69,8 @@ def check_samples_enabled() -> bool:
 def check_same_tokens(token_ids: list[int], group: mx.distributed.Group) -> None:
     """Fail loudly unless every rank sampled exactly these ids this step (debug mode)."""
     mine = mx.array(token_ids or [0], dtype=mx.int32)
-    low = mx.distributed.all_min(mine, group=group)
-    high = mx.distributed.all_max(mine, group=group)
+    low = mx.distributed.all_min(mine, group=group, stream=mx.cpu)
+    high = mx.distributed.all_max(mine, group=group, stream=mx.cpu)
     if not (mx.array_equal(low, mine) and mx.array_equal(high, mine)).item():
         raise RuntimeError(
             f"tensor-parallel ranks sampled different tokens: rank {group.rank()} has {token_ids}, "

@@ -29,14 +29,17 @@ def free_port() -> int:
 
 
 @contextmanager
-def running_server(model: str, *flags: str) -> Iterator[tuple[subprocess.Popen, str]]:
-    """`pico-vllm serve --model MODEL FLAGS` on a free port, once `/health` answers; killed on the
-    way out whatever happened (the test stops it first when it checks the exit)."""
+def running_server(model: str, *flags: str, launcher: tuple[str, ...] = (),
+                   env: dict | None = None) -> Iterator[tuple[subprocess.Popen, str]]:
+    """`pico-vllm serve --model MODEL FLAGS` on a free port (under ``launcher``, e.g. mlx.launch),
+    once `/health` answers; its whole process group is killed on the way out whatever happened
+    (the test stops it first when it checks the exit)."""
     port = free_port()
     process = subprocess.Popen(
-        [sys.executable, "-m", "pico_vllm.cli", "serve", "--model", model, "--port", str(port), *flags],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env={**os.environ, "PICO_VLLM_NO_OPENBLAS": "1"},
+        [*launcher, sys.executable, "-m", "pico_vllm.cli", "serve", "--model", model, "--port", str(port),
+         *flags],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        env={**os.environ, "PICO_VLLM_NO_OPENBLAS": "1", **(env or {})},
     )
     base = f"http://127.0.0.1:{port}"
     try:
@@ -51,7 +54,8 @@ def running_server(model: str, *flags: str) -> Iterator[tuple[subprocess.Popen, 
             time.sleep(0.2)
         yield process, base
     finally:
-        process.kill()
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
         process.wait(timeout=30)
 
 

@@ -98,3 +98,49 @@ def test_tensor_parallel_without_a_launched_group_is_a_clear_error(random_model)
         LLMEngine(EngineConfig(model=model, num_blocks=8, tensor_parallel_size=2))
     with pytest.raises(ValueError, match="tensor_parallel_size must be >= 1, got 0"):
         EngineConfig(tensor_parallel_size=0)
+
+
+def children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (the ranks mlx.launch started)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+@pytest.mark.slow
+def test_serve_under_mlx_launch_answers_like_one_process_and_stops_cleanly(chat_model):
+    import asyncio
+
+    import httpx
+    from server_load import PROMPTS as TEXTS
+    from server_load import run_load
+    from test_server_live import running_server, wait_until_idle
+
+    flags = ("--tensor-parallel-size", "2", "--num-blocks", "64", "--max-model-len", "256")
+    launcher = (str(LAUNCH), "--backend", "ring", "-n", "2")
+    params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
+    expected = {o.prompt: o.text for o in LLM(str(chat_model), num_blocks=64).generate(TEXTS, params,
+                                                                                       use_tqdm=False)}
+    with running_server(str(chat_model), *flags, launcher=launcher, env={"PICO_VLLM_CHECK_TP": "1"}) as (
+            process, base):
+        # 24 concurrent streams, every 4th hanging up after two chunks: rank 0 ships each
+        # request and abort to rank 1 before the step that needs it.
+        results, _ = asyncio.run(run_load(base, 24, leave_every=4, max_tokens=32))
+        completed = [r for r in results if not r.leaves_early]
+        assert all(r.status == 200 for r in results) and len(completed) == 18
+        assert all(r.text == expected[r.prompt] and r.finish_reasons == ["length"] for r in completed)
+        wait_until_idle(base)
+        body = {"prompt": "Hello", "max_tokens": 4, "n": 3, "temperature": 1.0, "seed": 3}
+        assert len(httpx.post(f"{base}/v1/completions", json=body, timeout=30).json()["choices"]) == 3
+        ranks = children(process.pid)
+        assert len(ranks) == 2
+        for pid in ranks:  # what a Ctrl-C does: every rank gets the signal; rank 0 decides
+            os.kill(pid, signal.SIGTERM)
+        _, err = process.communicate(timeout=60)
+    assert process.returncode == 0 and "exited with code" not in err and "Traceback" not in err, err

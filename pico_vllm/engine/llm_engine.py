@@ -124,6 +124,9 @@ class LLMEngine:
         self.scheduler.abort(request_id)
         return self._output(request, "abort", request.emitted_tokens)
 
+    def unfinished_request_ids(self) -> list[str]:
+        return list(self._requests)
+
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished() or self._in_flight is not None
 

@@ -19,6 +19,7 @@ import queue
 import threading
 from dataclasses import dataclass
 
+from pico_vllm import distributed
 from pico_vllm.config import EngineConfig
 from pico_vllm.engine.llm_engine import LLMEngine, Prompt
 from pico_vllm.loader import LoadedModel, load
@@ -112,8 +113,19 @@ class AsyncEngine:
             self._ready.set()
             return
         self._ready.set()
-        while not self._stopping and threading.main_thread().is_alive():
-            self._drain(block=not self.engine.has_unfinished_requests())
+        while True:
+            wire = self._take_commands(block=not self.engine.has_unfinished_requests())
+            stop = self._stopping or not threading.main_thread().is_alive()
+            if self.engine.group is not None:  # tensor parallel: the other ranks apply the same
+                distributed.share((wire, stop), self.engine.group)
+            if stop:
+                return
+            for command in wire:
+                result = apply_command(self.engine, command)
+                if command[0] == "abort":
+                    self._queues.pop(command[1], None)
+                elif result is not None:  # a rejection, or the final output of an "end"
+                    self._send(command[1], result)
             if not self.engine.has_unfinished_requests():
                 continue
             try:
@@ -126,29 +138,26 @@ class AsyncEngine:
             for out in outputs:
                 self._send(out.request_id, out)
 
-    def _drain(self, block: bool) -> None:
+    def _take_commands(self, block: bool) -> list[tuple]:
+        """The server's requests since the last step, as plain tuples (what the other
+        tensor-parallel ranks receive): ``("add", id, prompt, params)``, ``("abort", id)`` for a
+        client that left, ``("end", id)`` for a request a shutdown cuts short. Waits up to 0.5 s
+        for the first when ``block``."""
+        wire = []
         while True:
             try:
                 command = self._commands.get(timeout=0.5) if block else self._commands.get_nowait()
             except queue.Empty:
-                return
+                return wire
             block = False
-            if command is None:
-                return
             if isinstance(command, _Add):
                 self._queues[command.request_id] = (command.loop, command.outputs)
-                try:
-                    self.engine.add_request(command.prompt, command.params, command.request_id)
-                except (ValueError, TypeError) as e:
-                    self._send(command.request_id, e)
+                wire.append(("add", command.request_id, command.prompt, command.params))
+            elif isinstance(command, _Abort):
+                wire.append(("abort", command.request_id))
             elif isinstance(command, _AbortAll):
-                for request_id in list(self._queues):
-                    final = self.engine.abort_request(request_id)
-                    if final is not None:
-                        self._send(request_id, final)
-            elif command.request_id in self._queues:
-                self.engine.abort_request(command.request_id)
-                del self._queues[command.request_id]
+                wire += [("end", request_id) for request_id in self._queues]
+            # None only wakes the loop (shutdown)
 
     def _send(self, request_id: str, item: RequestOutput | BaseException) -> None:
         target = self._queues.get(request_id)
@@ -161,7 +170,7 @@ class AsyncEngine:
             loop.call_soon_threadsafe(outputs.put_nowait, item)
         except RuntimeError:  # the caller's event loop is closed: nobody will read this request
             self._queues.pop(request_id, None)
-            self.engine.abort_request(request_id)
+            self._commands.put(_Abort(request_id))  # next loop, on every tensor-parallel rank
 
 
 class RequestStream:
@@ -197,3 +206,35 @@ class RequestStream:
     def _end(self) -> None:
         self._ended = True
         self.engine._live -= 1
+
+
+def apply_command(engine: LLMEngine, command: tuple) -> BaseException | RequestOutput | None:
+    """Apply one command of ``AsyncEngine._take_commands`` to ``engine``: an "add" returns its
+    rejection (or None), an "abort"/"end" the request's final output (or None)."""
+    kind, request_id = command[0], command[1]
+    if kind == "add":
+        try:
+            engine.add_request(command[2], command[3], request_id)
+        except (ValueError, TypeError) as e:
+            return e
+        return None
+    return engine.abort_request(request_id)
+
+
+def follow(config: EngineConfig) -> None:
+    """A tensor-parallel rank other than 0 under ``pico-vllm serve``: no HTTP. Each loop it
+    receives rank 0's commands, applies them to its own engine and steps it (the all_sums inside
+    the model meet rank 0's), discarding the outputs, until rank 0 stops."""
+    engine = LLMEngine(config)
+    while True:
+        wire, stop = distributed.share(None, engine.group)
+        if stop:
+            return
+        for command in wire:
+            apply_command(engine, command)
+        if engine.has_unfinished_requests():
+            try:
+                engine.step()
+            except Exception:  # rank 0 hit the same error and aborts its requests: so do we
+                for request_id in engine.unfinished_request_ids():
+                    engine.abort_request(request_id)

@@ -100,6 +100,27 @@ def test_tensor_parallel_without_a_launched_group_is_a_clear_error(random_model)
         EngineConfig(tensor_parallel_size=0)
 
 
+@pytest.mark.slow
+def test_generate_under_mlx_launch_prints_once_what_one_process_prints(random_model):
+    model = str(random_model("llama", head_dim=32, num_attention_heads=4, num_key_value_heads=2))
+    argv = ["generate", "--model", model, "--prompt", "Hello", "--max-tokens", "12", "--ignore-eos",
+            "--num-blocks", "32", "--temperature", "0"]
+    expected = LLM(model, num_blocks=32).generate("Hello", SamplingParams(temperature=0, max_tokens=12,
+                                                                          ignore_eos=True), use_tqdm=False)[0]
+    command = [str(LAUNCH), "--backend", "ring", "-n", "2", sys.executable, "-m", "pico_vllm.cli", *argv,
+               "--tensor-parallel-size", "2"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True, env={**os.environ, "PICO_VLLM_CHECK_TP": "1"})
+    try:
+        out, err = process.communicate(timeout=180)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert "exited with code" not in err, err[-3000:]
+    assert out.count("Hello" + expected.text) == 1, out  # rank 0 alone prints
+    assert err.count("[pico-vllm] loaded") == 1, err[-3000:]
+
+
 def children(pid: int) -> list[int]:
     """The processes whose parent is ``pid`` (the ranks mlx.launch started)."""
     found = []

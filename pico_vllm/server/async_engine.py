@@ -9,6 +9,10 @@ the main thread ending. The server's coroutines never touch it: they put
 commands (add a request, abort one) on a thread-safe queue, and the thread hands each step's
 ``RequestOutput`` back to the request's ``asyncio.Queue`` through ``call_soon_threadsafe``. When no
 request is running the thread sleeps on the command queue.
+
+Under tensor parallelism (``mlx.launch``) this runs on rank 0 only: each loop turns the commands
+into plain tuples and shares them (``distributed.share``) before applying them, and every other
+rank runs :func:`follow`, applying the same tuples to its own engine and stepping in lockstep.
 """
 
 from __future__ import annotations

@@ -69,6 +69,8 @@ def test_echo_puts_the_prompt_before_the_completion(client, engines, as_ids):
     plain = client.post("/v1/completions", json=body).json()["choices"][0]["text"]
     echoed = client.post("/v1/completions", json=body | {"echo": True}).json()["choices"][0]["text"]
     assert echoed == "Hello" + plain
+    with client.stream("POST", "/v1/completions", json=body | {"echo": True, "stream": True}) as response:
+        assert "".join(c["choices"][0]["text"] for c in sse(response)) == "Hello" + plain
 
 
 def test_streamed_completion_adds_up_and_ends_with_a_finish_reason(client):

@@ -180,8 +180,9 @@ def create_app(
 
         record = metrics.request(engine.name, time.monotonic())
         streams = await _start(request, engine, prompts, params, body.n, record)
+        firsts = {id(first) for first, _ in streams}  # a stream echoes the prompt in its first chunk
         return await _respond(request, body, engine.name, "text_completion", streams,
-                              lambda out, delta: {"text": delta},
+                              lambda out, delta: {"text": (echoed(out) if id(out) in firsts else "") + delta},
                               lambda out: {"text": echoed(out) + out.text}, record,
                               _logprob_format(engine, chat=False) if params.logprobs is not None else None)
 

@@ -202,6 +202,9 @@ def test_metrics_count_finished_requests_and_tokens(client):
     before = client.get("/metrics").text
     client.post("/v1/completions", json={"prompt": [5, 6], "max_tokens": 4, "ignore_eos": True})
     after = client.get("/metrics").text
+    client.post("/v1/completions", json={"prompt": [5, 6, 7], "max_tokens": 1, "n": 3})
+    assert value(client.get("/metrics").text, "pico_vllm_prompt_tokens_total") - \
+        value(after, "pico_vllm_prompt_tokens_total") == 3  # a prompt counts once, whatever n
     for name, grew_by in (("pico_vllm_generation_tokens_total", 4), ("pico_vllm_prompt_tokens_total", 2),
                           ("pico_vllm_requests_total", 1),
                           ("pico_vllm_time_to_first_token_seconds_count", 1),

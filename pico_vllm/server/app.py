@@ -247,7 +247,7 @@ async def _start(request: Request, engine: AsyncEngine, prompts: list, params: S
         raise
     for first in firsts:
         record.output(first)
-    record.first_tokens()
+    record.first_tokens(sum(len(first.prompt_token_ids) for first in firsts[::n]))
     return list(zip(firsts, streams))
 
 

@@ -68,11 +68,13 @@ class RequestRecord:
         self.last_output_at: dict[str, float] = {}  # per choice (request id)
         self.ttft_recorded = False
 
-    def first_tokens(self) -> None:
-        """Every choice has its first token: the time to first token ends here."""
+    def first_tokens(self, prompt_tokens: int) -> None:
+        """Every choice has its first token (its prompt is computed): the time to first token
+        ends here, and the request's ``prompt_tokens`` (each prompt once, whatever ``n``) count."""
         if not self.ttft_recorded:
             self.ttft_recorded = True
             self.metrics.ttft.labels(self.model).observe(time.monotonic() - self.started)
+            self.metrics.prompt_tokens.labels(self.model).inc(prompt_tokens)
 
     def output(self, out: RequestOutput) -> None:
         """A choice's output reached the server: its new tokens, and its totals when it finished.
@@ -88,7 +90,6 @@ class RequestRecord:
         if out.finished:
             self.metrics.e2e.labels(self.model).observe(now - self.started)
             self.metrics.requests.labels(self.model, out.finish_reason).inc()
-            self.metrics.prompt_tokens.labels(self.model).inc(len(out.prompt_token_ids))
             self.metrics.generated_tokens.labels(self.model).inc(len(out.token_ids))
 
 

@@ -89,11 +89,14 @@ def test_prompt_from_a_file_and_from_stdin(model_dir, tmp_path, capsys, monkeypa
 
 
 def test_ctrl_c_exits_130_quietly_keeping_the_output(model_dir):
+    # Seconds of work (8 requests of 900 tokens) and one OpenBLAS thread: in a fresh-clone CI run
+    # the single 1.5 s request once finished before the Ctrl-C got there (2 busy cores).
     process = subprocess.Popen(
         [sys.executable, "-m", "pico_vllm.cli", "generate", "--model", model_dir, "--prompt", "Hi",
-         "--max-tokens", "900", "--ignore-eos", "--max-model-len", "1024", "--enforce-eager"],
+         "--max-tokens", "900", "--ignore-eos", "--max-model-len", "1024", "--enforce-eager",
+         "--num-requests", "8"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env={**os.environ, cli.NO_OPENBLAS_ENV: "1"},
+        env={**os.environ, cli.NO_OPENBLAS_ENV: "1", "OPENBLAS_NUM_THREADS": "1"},
     )
     try:
         deadline = time.monotonic() + 60

@@ -61,7 +61,6 @@ class TokenBucket:
         return (1 - self.tokens) / self.rate
 
 
-
 def create_app(
     engines: list[AsyncEngine], api_key: str | None = None, max_queue: int = 256,
     rate_limit: float | None = None,

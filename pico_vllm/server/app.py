@@ -10,25 +10,19 @@ key is over its rate, 503 while the server shuts down.
 
 from __future__ import annotations
 
-import asyncio
-import json
 import math
 import time
-import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager, suppress
-from dataclasses import replace
-from typing import TypeVar
+from contextlib import asynccontextmanager
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from pico_vllm.outputs import RequestOutput
 from pico_vllm.sampling_params import SamplingParams
-from pico_vllm.server.async_engine import AsyncEngine, RequestStream
-from pico_vllm.server.metrics import Metrics, RequestRecord
+from pico_vllm.server.async_engine import AsyncEngine
+from pico_vllm.server.metrics import Metrics
 from pico_vllm.server.protocol import (
     MAX_N,
     APIError,
@@ -39,8 +33,7 @@ from pico_vllm.server.protocol import (
     SamplingFields,
     TokenizeRequest,
 )
-
-T = TypeVar("T")
+from pico_vllm.server.responses import ClientGone, logprob_format, respond, start_choices
 
 
 class TokenBucket:
@@ -178,12 +171,12 @@ def create_app(
             return out.prompt if out.prompt is not None else engine.tokenizer.decode(out.prompt_token_ids)
 
         record = metrics.request(engine.name, time.monotonic())
-        streams = await _start(request, engine, prompts, params, body.n, record)
+        streams = await start_choices(request, engine, prompts, params, body.n, record)
         firsts = {id(first) for first, _ in streams}  # a stream echoes the prompt in its first chunk
-        return await _respond(request, body, engine.name, "text_completion", streams,
+        return await respond(request, body, engine.name, "text_completion", streams,
                               lambda out, delta: {"text": (echoed(out) if id(out) in firsts else "") + delta},
                               lambda out: {"text": echoed(out) + out.text}, record,
-                              _logprob_format(engine, chat=False) if params.logprobs is not None else None)
+                              logprob_format(engine, chat=False) if params.logprobs is not None else None)
 
     @guarded.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, request: Request):
@@ -192,12 +185,12 @@ def create_app(
         params = _params(body, body.max_completion_tokens or body.max_tokens)
         prompt = _chat_prompt(engine, body.messages)
         record = metrics.request(engine.name, time.monotonic())
-        streams = await _start(request, engine, [prompt], params, body.n, record)
-        return await _respond(request, body, engine.name, "chat.completion", streams,
+        streams = await start_choices(request, engine, [prompt], params, body.n, record)
+        return await respond(request, body, engine.name, "chat.completion", streams,
                               lambda out, delta: {"delta": {"content": delta}},
                               lambda out: {"message": {"role": "assistant", "content": out.text}},
                               record,
-                              _logprob_format(engine, chat=True) if params.logprobs is not None else None)
+                              logprob_format(engine, chat=True) if params.logprobs is not None else None)
 
     app.include_router(guarded)
     return app
@@ -219,167 +212,3 @@ def _params(body: SamplingFields, max_tokens: int | None) -> SamplingParams:
         return body.sampling_params(max_tokens)
     except ValueError as e:
         raise APIError(400, str(e), param=str(e).split(" ", 1)[0]) from None
-
-
-Stream = tuple[RequestOutput, RequestStream]  # a choice's first output, and the rest
-
-
-async def _start(request: Request, engine: AsyncEngine, prompts: list, params: SamplingParams, n: int,
-                 record: RequestRecord) -> list[Stream]:
-    """Submit the ``n`` choices of each prompt (choice i of a prompt seeded ``seed + i``) and
-    wait for each one's first output: a request the engine rejects fails here, before any byte
-    is sent."""
-    # Submitted before the first await, so admission control counts them before the next request.
-    streams = [engine.generate(prompt, replace(params, seed=None if params.seed is None else params.seed + i))
-               for prompt in prompts for i in range(n)]
-
-    async def first_outputs() -> list[RequestOutput]:
-        return [await anext(stream) for stream in streams]
-
-    try:
-        firsts = await _unless_client_leaves(request, first_outputs())
-    except BaseException as e:  # rejected, or the client left: abort the choices
-        for stream in streams:
-            stream.close()
-        if isinstance(e, ValueError):
-            raise APIError(400, str(e), param="prompt") from None
-        raise
-    for first in firsts:
-        record.output(first)
-    record.first_tokens(sum(len(first.prompt_token_ids) for first in firsts[::n]))
-    return list(zip(firsts, streams))
-
-
-LogprobFormat = Callable[[RequestOutput, int], dict]
-
-
-def _logprob_format(engine: AsyncEngine, chat: bool) -> LogprobFormat:
-    """``format(out, n)``: OpenAI's logprobs object for the last ``n`` tokens of ``out`` (chat:
-    ``{"content": [...]}``; completions: the legacy parallel lists)."""
-    def text(token_id: int) -> str:
-        return engine.tokenizer.decode([token_id])
-
-    def format_(out: RequestOutput, n: int) -> dict:
-        start = len(out.token_ids) - n
-        ids, lps, tops = out.token_ids[start:], out.logprobs[start:], out.top_logprobs[start:]
-        if chat:
-            def entry(t: int, lp: float) -> dict:
-                return {"token": text(t), "logprob": lp, "bytes": list(text(t).encode())}
-
-            return {"content": [entry(t, lp) | {"top_logprobs": [entry(i, v) for i, v in top]}
-                                for t, lp, top in zip(ids, lps, tops)]}
-        return {"tokens": [text(t) for t in ids], "token_logprobs": lps,
-                "top_logprobs": [{text(i): v for i, v in top} for top in tops]}
-
-    return format_
-
-
-def _usage(outs: list[RequestOutput], n: int) -> dict:
-    """Usage of a request's choices, ``n`` per prompt (each prompt counted once)."""
-    prompt = sum(len(out.prompt_token_ids) for out in outs[::n])
-    completion = sum(len(out.token_ids) for out in outs)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
-
-
-class ClientGone(Exception):
-    """The client disconnected before its response started (answered 499, which nobody reads)."""
-
-
-DISCONNECT_POLL_S = 0.5  # how often a request not yet answering checks that its client is still there
-
-
-async def _unless_client_leaves(request: Request, work: Awaitable[T]) -> T:
-    """``await work``, cancelled (aborting its requests) if the client disconnects first: until
-    a response starts, nothing else would notice (a stream notices when a write fails)."""
-    task = asyncio.ensure_future(work)
-    try:
-        while not (await asyncio.wait({task}, timeout=DISCONNECT_POLL_S))[0]:
-            if await request.is_disconnected():
-                raise ClientGone
-    finally:
-        if not task.done():
-            task.cancel()
-            with suppress(asyncio.CancelledError):
-                await task
-    return task.result()
-
-
-async def _respond(request: Request, body: SamplingFields, model: str, kind: str, streams: list[Stream],
-                   delta_choice, final_choice, record: RequestRecord, logprobs: LogprobFormat | None = None):
-    """A JSON body with every choice's final output, or an SSE stream of the choices' deltas as
-    they come; ``record`` sees every output after the first. A client that goes away aborts
-    the request: a stream notices when its next write fails, a JSON request polls."""
-    request_id = f"{'chatcmpl' if kind == 'chat.completion' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
-    created = int(time.time())
-    if not body.stream:
-        async def last(first: RequestOutput, rest: RequestStream) -> RequestOutput:
-            out = first
-            async for out in rest:
-                record.output(out)
-            return out
-
-        try:
-            outs = await _unless_client_leaves(
-                request, asyncio.gather(*(last(first, rest) for first, rest in streams)))
-        finally:  # the client left: abort what still runs
-            for _, rest in streams:
-                rest.close()
-        choices = []
-        for index, out in enumerate(outs):
-            choices.append(final_choice(out) | {
-                "index": index, "finish_reason": out.finish_reason,
-                "logprobs": logprobs(out, len(out.token_ids)) if logprobs else None})
-        return {"id": request_id, "object": kind, "created": created, "model": model,
-                "choices": choices, "usage": _usage(outs, body.n)}
-
-    chunk_kind = "chat.completion.chunk" if kind == "chat.completion" else kind
-
-    def event(choices: list, usage: dict | None = None) -> str:
-        payload = {"id": request_id, "object": chunk_kind, "created": created, "model": model,
-                   "choices": choices}
-        if usage is not None:
-            payload["usage"] = usage
-        return f"data: {json.dumps(payload)}\n\n"
-
-    async def events() -> AsyncIterator[str]:
-        merged: asyncio.Queue = asyncio.Queue()
-
-        async def pump(index: int, first: RequestOutput, rest: RequestStream) -> None:
-            try:
-                await merged.put((index, first))
-                async for out in rest:
-                    record.output(out)
-                    await merged.put((index, out))
-            except Exception as e:  # handed to the consumer, which ends the stream with it
-                await merged.put((index, e))
-
-        pumps = [asyncio.create_task(pump(i, first, rest)) for i, (first, rest) in enumerate(streams)]
-        finals: dict[int, RequestOutput] = {}
-        try:
-            if kind == "chat.completion":
-                yield event([{"delta": {"role": "assistant", "content": ""}, "index": i,
-                              "finish_reason": None} for i in range(len(streams))])
-            while len(finals) < len(streams):
-                index, out = await merged.get()
-                if isinstance(out, Exception):
-                    raise out
-                choice = delta_choice(out, out.delta_text) | {"index": index,
-                                                               "finish_reason": out.finish_reason}
-                if logprobs:
-                    choice["logprobs"] = logprobs(out, len(out.delta_token_ids))
-                yield event([choice])
-                if out.finished:
-                    finals[index] = out
-            if body.stream_options and body.stream_options.include_usage:
-                yield event([], _usage([finals[i] for i in range(len(streams))], body.n))
-        except Exception as e:  # an engine error mid-stream: an error chunk, then the end
-            error = {"message": str(e), "type": "server_error", "param": None, "code": 500}
-            yield f"data: {json.dumps({'error': error})}\n\n"
-        finally:  # a client that went away: abort what is still running, now (before any await:
-            for _, rest in streams:  # in a cancelled task, anyio cancels each await here)
-                rest.close()
-            for task in pumps:
-                task.cancel()
-        yield "data: [DONE]\n\n"
-
-    return StreamingResponse(events(), media_type="text/event-stream")

@@ -7,9 +7,9 @@ each rank holds ``1/N`` of the attention and MLP weights and a KV pool with ``1/
 heads, and after each layer's ``all_sum`` every rank has the same hidden state, hence the same
 logits and — with the same seed — the same samples.
 
-Nothing else is exchanged. Every rank runs the same scheduler and block manager over the same
-requests (an offline run gives every rank the same prompts; the server's rank 0 ships each new
-request to the others), so their block tables agree without messages. What must not differ is
+No scheduling state is exchanged. Every rank runs the same scheduler and block manager over the
+same requests (an offline run gives every rank the same prompts; the server's rank 0 ships each
+new request and abort to the others, ``share``), so their block tables agree without messages. What must not differ is
 checked: the pool size (the smallest any rank can hold) and, with ``PICO_VLLM_CHECK_TP=1``, the
 sampled ids of every step.
 """

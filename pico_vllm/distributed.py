@@ -9,9 +9,9 @@ logits and — with the same seed — the same samples.
 
 No scheduling state is exchanged. Every rank runs the same scheduler and block manager over the
 same requests (an offline run gives every rank the same prompts; the server's rank 0 ships each
-new request and abort to the others, ``share``), so their block tables agree without messages. What must not differ is
-checked: the pool size (the smallest any rank can hold) and, with ``PICO_VLLM_CHECK_TP=1``, the
-sampled ids of every step.
+new request and abort to the others, ``share``), so their block tables agree without messages.
+What must not differ is checked: the pool size (the smallest any rank can hold) and, with
+``PICO_VLLM_CHECK_TP=1``, the sampled ids of every step.
 """
 
 from __future__ import annotations

@@ -153,16 +153,17 @@ def run_online(engine: LLMEngine, workload: Workload, rate: float, seed: int = 0
     ttft = [times[0] - arrived[rid] for rid, times in token_times.items()]
     itl = [b - a for times in token_times.values() for a, b in zip(times, times[1:])]
     tpot = [(t[-1] - t[0]) / (len(t) - 1) for t in token_times.values() if len(t) > 1]
-
-    def pct(values: list[float], q: int) -> float:
-        return float(np.percentile(values, q)) if values else 0.0
-
     return {
         "rate": rate, "seconds": elapsed,
-        "ttft_p50": pct(ttft, 50), "ttft_p99": pct(ttft, 99),
-        "tpot_p50": pct(tpot, 50), "tpot_p99": pct(tpot, 99),
-        "itl_p50": pct(itl, 50), "itl_p99": pct(itl, 99),
+        "ttft_p50": percentile(ttft, 50), "ttft_p99": percentile(ttft, 99),
+        "tpot_p50": percentile(tpot, 50), "tpot_p99": percentile(tpot, 99),
+        "itl_p50": percentile(itl, 50), "itl_p99": percentile(itl, 99),
     }
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The ``q``-th percentile (linear interpolation), 0 for no values."""
+    return float(np.percentile(values, q)) if values else 0.0
 
 
 def mlx_lm_twin(loaded: LoadedModel) -> nn.Module:

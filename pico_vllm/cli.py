@@ -313,9 +313,7 @@ def serve(args: argparse.Namespace) -> None:
             signal.signal(signal.SIGINT, signal.SIG_IGN)  # rank 0 drains, then tells us to stop
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
             follow(configs[0])
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(0)  # as below: skip MLX's exit-time destructors
+            _exit_skipping_destructors()
     engines = [AsyncEngine(config, name) for config, name in zip(configs, names)]
     print(f"[pico-vllm] serving {', '.join(names)} on http://{args.host}:{args.port}/v1", file=sys.stderr)
     try:
@@ -326,12 +324,16 @@ def serve(args: argparse.Namespace) -> None:
     finally:
         for engine in engines:
             engine.shutdown()
-        # MLX (0.32, Linux) can abort in its exit-time destructors once a worker thread has run
-        # the model under uvicorn ("terminate called without an active exception"); everything
-        # is shut down by now, so leave without running them.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
+        _exit_skipping_destructors()
+
+
+def _exit_skipping_destructors() -> None:
+    """Exit 0 now. MLX (0.32, Linux) can abort in its exit-time destructors once a worker thread
+    has run the model ("terminate called without an active exception"); the server has shut
+    everything down by the time it calls this, so leave without running them."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -76,9 +76,7 @@ class LLM:
                 raise ValueError(f'message {i} must be a dict with "role" and "content", got {message!r:.80}')
             if not isinstance(message["role"], str) or not isinstance(message["content"], str):
                 raise ValueError(f'message {i}: "role" and "content" must be strings')
-        if getattr(self.tokenizer, "chat_template", None) is None:
-            raise ValueError("this model's tokenizer has no chat template")
-        return list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+        return chat_prompt_ids(self.tokenizer, messages)
 
     def _add(self, prompts: Prompts, sampling_params: Params) -> list[str]:
         prompts = _as_list(prompts)
@@ -117,6 +115,14 @@ class LLM:
         finally:
             for request_id in pending:  # the caller stopped early: free what is left
                 self.engine.abort_request(request_id)
+
+
+def chat_prompt_ids(tokenizer, messages: list[dict[str, str]]) -> list[int]:
+    """Token ids of ``messages`` through ``tokenizer``'s chat template, ready for the reply
+    (``LLM.chat``, the server's chat endpoint); ValueError if it has no template."""
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise ValueError("this model's tokenizer has no chat template")
+    return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
 
 
 def _as_list(prompts: Prompts) -> list[Prompt]:

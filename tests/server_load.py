@@ -12,11 +12,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import statistics
 import time
 from dataclasses import dataclass, field
 
 import httpx
+
+from pico_vllm.bench import percentile
 
 PROMPTS = ["Once upon a time", "The capital of France is", "def fibonacci(n):", "Hello, my name is",
            "In 1969, the first", "A list of fruits:", "The best way to learn", "Water boils at"]
@@ -90,8 +91,9 @@ async def run_load(base: str, streams: int, leave_every: int | None = 5, max_tok
         return list(results), time.monotonic() - started
 
 
-def percentile(values: list[float], q: float) -> float:
-    return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 else values[0]
+def prometheus_sum(text: str, name: str) -> float:
+    """The sum of every sample of metric ``name`` (all label sets) in ``/metrics`` text."""
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
 
 
 def summary(results: list[StreamResult], seconds: float) -> str:

@@ -8,6 +8,7 @@ import time
 
 import pytest
 from fastapi.testclient import TestClient
+from server_load import prometheus_sum
 
 from pico_vllm import LLM, EngineConfig, SamplingParams
 from pico_vllm.server.app import create_app
@@ -195,27 +196,23 @@ def test_leaving_a_stream_aborts_the_request_and_frees_its_blocks(engines):
 
 
 def test_metrics_count_finished_requests_and_tokens(client):
-    def value(text: str, name: str) -> float:
-        lines = [line for line in text.splitlines() if line.startswith(name) and 'model="tiny"' in line]
-        return sum(float(line.rsplit(" ", 1)[1]) for line in lines)
-
     before = client.get("/metrics").text
     client.post("/v1/completions", json={"prompt": [5, 6], "max_tokens": 4, "ignore_eos": True})
     after = client.get("/metrics").text
     client.post("/v1/completions", json={"prompt": [5, 6, 7], "max_tokens": 1, "n": 3})
-    assert value(client.get("/metrics").text, "pico_vllm_prompt_tokens_total") - \
-        value(after, "pico_vllm_prompt_tokens_total") == 3  # a prompt counts once, whatever n
+    assert prometheus_sum(client.get("/metrics").text, "pico_vllm_prompt_tokens_total") - \
+        prometheus_sum(after, "pico_vllm_prompt_tokens_total") == 3  # a prompt counts once, whatever n
     for name, grew_by in (("pico_vllm_generation_tokens_total", 4), ("pico_vllm_prompt_tokens_total", 2),
                           ("pico_vllm_requests_total", 1),
                           ("pico_vllm_time_to_first_token_seconds_count", 1),
                           ("pico_vllm_inter_token_latency_seconds_count", 3),  # tokens after the first
                           ("pico_vllm_e2e_request_latency_seconds_count", 1)):
-        assert value(after, name) - value(before, name) == grew_by, name
+        assert prometheus_sum(after, name) - prometheus_sum(before, name) == grew_by, name
     # Between requests nothing runs or waits, and no block is held (cached blocks count as free).
     for name in ("pico_vllm_requests_in_flight", "pico_vllm_requests_running",
                  "pico_vllm_requests_waiting", "pico_vllm_kv_blocks_used"):
-        assert value(after, name) == 0, name
-    assert value(after, "pico_vllm_kv_blocks_total") == 64
+        assert prometheus_sum(after, name) == 0, name
+    assert prometheus_sum(after, "pico_vllm_kv_blocks_total") == 64
     assert "pico_vllm_prefix_cache_hit_tokens" in after and "pico_vllm_preemptions" in after
 
 

@@ -17,7 +17,7 @@ from contextlib import contextmanager
 import httpx
 import pytest
 from openai import BadRequestError, NotFoundError, OpenAI
-from server_load import PROMPTS, run_load, summary
+from server_load import PROMPTS, prometheus_sum, run_load, summary
 
 KEY = {"Authorization": "Bearer sekrit"}
 
@@ -67,8 +67,7 @@ def stop(process: subprocess.Popen, sig: signal.Signals) -> None:
 
 
 def metric(base: str, name: str) -> float:
-    lines = [line for line in httpx.get(f"{base}/metrics").text.splitlines() if line.startswith(name)]
-    return sum(float(line.rsplit(" ", 1)[1]) for line in lines)
+    return prometheus_sum(httpx.get(f"{base}/metrics").text, name)
 
 
 def wait_until_idle(base: str, timeout: float = 10) -> None:

@@ -23,14 +23,11 @@ ENGINE = dict(num_blocks=24, block_size=8, max_num_batched_tokens=32, max_num_se
 PROMPTS = [[(7 * i + j) % 250 + 1 for j in range(12 + 5 * i)] for i in range(8)]
 
 
-def launch(tmp_path: Path, specs: list[dict], ranks: int = 2,
-           timeout: int = 240) -> subprocess.CompletedProcess:
-    """Run tp_worker.py on ``ranks`` local processes; the whole process group dies on a timeout."""
-    spec_file = tmp_path / "spec.json"
-    spec_file.write_text(json.dumps(specs))
-    command = [str(LAUNCH), "--backend", "ring", "-n", str(ranks), sys.executable,
-               str(TESTS / "tp_worker.py"), str(spec_file), str(tmp_path / "out")]
-    env = {**os.environ, "PICO_VLLM_CHECK_TP": "1"}  # compare the sampled ids across ranks every step
+def launch(args: list[str], timeout: int = 240) -> subprocess.CompletedProcess:
+    """``mlx.launch --backend ring -n 2 python ARGS`` on this machine, comparing the sampled ids
+    across ranks every step; the whole process group dies on a timeout."""
+    command = [str(LAUNCH), "--backend", "ring", "-n", "2", sys.executable, *args]
+    env = {**os.environ, "PICO_VLLM_CHECK_TP": "1"}
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                                start_new_session=True)
     try:
@@ -42,13 +39,20 @@ def launch(tmp_path: Path, specs: list[dict], ranks: int = 2,
     return subprocess.CompletedProcess(command, process.returncode, out, err)
 
 
+def launch_worker(tmp_path: Path, specs: list[dict], timeout: int = 240) -> subprocess.CompletedProcess:
+    """tp_worker.py on 2 ranks over ``specs``; each rank writes ``tmp_path/out.rank<R>.json``."""
+    spec_file = tmp_path / "spec.json"
+    spec_file.write_text(json.dumps(specs))
+    return launch([str(TESTS / "tp_worker.py"), str(spec_file), str(tmp_path / "out")], timeout)
+
+
 @pytest.mark.slow
 def test_two_ranks_decode_what_one_process_decodes_with_half_the_heads_and_weights(random_model, tmp_path):
     models = [random_model("llama", head_dim=32, num_attention_heads=4, num_key_value_heads=2),
               random_model("qwen2", head_dim=32, num_attention_heads=8, num_key_value_heads=4),
               random_model("qwen3", head_dim=32, num_attention_heads=4, num_key_value_heads=2)]
     specs = [{"model": str(m), "engine": ENGINE, "prompts": PROMPTS, "max_tokens": 24} for m in models]
-    result = launch(tmp_path, specs)
+    result = launch_worker(tmp_path, specs)
     assert result.returncode == 0, result.stderr[-4000:]
     ranks = [json.loads((tmp_path / f"out.rank{r}.json").read_text()) for r in (0, 1)]
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
@@ -76,8 +80,8 @@ def test_two_ranks_decode_what_one_process_decodes_with_half_the_heads_and_weigh
 def test_a_model_that_does_not_split_fails_on_every_rank_at_start_up(random_model, tmp_path, heads, kv_heads,
                                                                     message):
     model = random_model("llama", head_dim=32, num_attention_heads=heads, num_key_value_heads=kv_heads)
-    result = launch(tmp_path, [{"model": str(model), "engine": ENGINE, "prompts": PROMPTS, "max_tokens": 4}],
-                    timeout=120)  # returns: no rank is left waiting in a collective
+    spec = {"model": str(model), "engine": ENGINE, "prompts": PROMPTS, "max_tokens": 4}
+    result = launch_worker(tmp_path, [spec], timeout=120)  # returns: no rank is left waiting in a collective
     # Every rank checks before any communication, so each fails on its own; mlx.launch (which
     # itself exits 0) stops the other rank once one has exited, sometimes before it printed.
     assert message in result.stderr, result.stderr[-4000:]
@@ -88,7 +92,7 @@ def test_a_model_that_does_not_split_fails_on_every_rank_at_start_up(random_mode
 def test_ranks_that_sample_differently_fail_loudly_in_check_mode(random_model, tmp_path):
     model = random_model("llama", head_dim=32, num_attention_heads=4, num_key_value_heads=2)
     spec = {"model": str(model), "engine": ENGINE, "prompts": PROMPTS, "max_tokens": 8, "seed_by_rank": True}
-    result = launch(tmp_path, [spec], timeout=120)
+    result = launch_worker(tmp_path, [spec], timeout=120)
     assert "tensor-parallel ranks sampled different tokens" in result.stderr, result.stderr[-4000:]
 
 
@@ -107,15 +111,8 @@ def test_generate_under_mlx_launch_prints_once_what_one_process_prints(random_mo
             "--num-blocks", "32", "--temperature", "0"]
     expected = LLM(model, num_blocks=32).generate("Hello", SamplingParams(temperature=0, max_tokens=12,
                                                                           ignore_eos=True), use_tqdm=False)[0]
-    command = [str(LAUNCH), "--backend", "ring", "-n", "2", sys.executable, "-m", "pico_vllm.cli", *argv,
-               "--tensor-parallel-size", "2"]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               start_new_session=True, env={**os.environ, "PICO_VLLM_CHECK_TP": "1"})
-    try:
-        out, err = process.communicate(timeout=180)
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
+    result = launch(["-m", "pico_vllm.cli", *argv, "--tensor-parallel-size", "2"], timeout=180)
+    out, err = result.stdout, result.stderr
     assert "exited with code" not in err, err[-3000:]
     assert out.count("Hello" + expected.text) == 1, out  # rank 0 alone prints
     assert err.count("[pico-vllm] loaded") == 1, err[-3000:]

@@ -62,8 +62,10 @@ class LLMEngine:
                              f"{loaded.max_model_len} tokens (max_position_embeddings)")
         max_model_len = config.max_model_len or loaded.max_model_len
         self.group = None  # the tensor-parallel group, when the model is split over ranks
+        self._check_samples = False  # compare every step's samples across ranks (debug mode)
         if config.tensor_parallel_size > 1:
             self.group = distributed.tensor_parallel_group(config.tensor_parallel_size)
+            self._check_samples = distributed.check_samples_enabled()
             self.model.shard(self.group)
             # Every rank must run the same schedule: the same number of blocks everywhere.
             own = resolve_num_blocks(config, self.model, loaded.dtype)
@@ -165,7 +167,7 @@ class LLMEngine:
     def _complete(self, pending: PendingStep, indices: list[int]) -> list[RequestOutput]:
         """Read a step back: fill in its tokens, detokenize, check stops, finish requests."""
         samples = pending.resolve()
-        if self.group is not None and distributed.check_samples_enabled():
+        if self._check_samples:
             distributed.check_same_tokens([samples[seq].token_id for seq in pending.seqs], self.group)
         outputs = []
         for seq, index in zip(pending.seqs, indices):

@@ -19,6 +19,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from pico_vllm.llm import chat_prompt_ids
 from pico_vllm.outputs import RequestOutput
 from pico_vllm.sampling_params import SamplingParams
 from pico_vllm.server.async_engine import AsyncEngine
@@ -198,11 +199,11 @@ def create_app(
 
 def _chat_prompt(engine: AsyncEngine, messages: list[ChatMessage]) -> list[int]:
     """Token ids of ``messages`` through the model's chat template, ready for the reply."""
-    tokenizer = engine.tokenizer
-    if getattr(tokenizer, "chat_template", None) is None:
-        raise APIError(400, f"model {engine.name!r} has no chat template", param="messages")
     turns = [{"role": m.role, "content": m.text()} for m in messages]
-    return list(tokenizer.apply_chat_template(turns, add_generation_prompt=True))
+    try:
+        return chat_prompt_ids(engine.tokenizer, turns)
+    except ValueError:  # no chat template
+        raise APIError(400, f"model {engine.name!r} has no chat template", param="messages") from None
 
 
 def _params(body: SamplingFields, max_tokens: int | None) -> SamplingParams:

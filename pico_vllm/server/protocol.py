@@ -33,18 +33,19 @@ class SamplingFields(BaseModel):
     model_config = ConfigDict(extra="ignore")
     model: str | None = None
     max_tokens: int | None = None
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    min_p: float = 0.0
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    repetition_penalty: float = 1.0
-    seed: int | None = None
-    stop: str | list[str] | None = None
+    # The defaults are SamplingParams' own: one place says what an omitted field means.
+    temperature: float = SamplingParams.temperature
+    top_p: float = SamplingParams.top_p
+    top_k: int = SamplingParams.top_k
+    min_p: float = SamplingParams.min_p
+    presence_penalty: float = SamplingParams.presence_penalty
+    frequency_penalty: float = SamplingParams.frequency_penalty
+    repetition_penalty: float = SamplingParams.repetition_penalty
+    seed: int | None = SamplingParams.seed
+    stop: str | list[str] | None = SamplingParams.stop
     stop_token_ids: list[int] | None = None
-    ignore_eos: bool = False
-    min_tokens: int = 0
+    ignore_eos: bool = SamplingParams.ignore_eos
+    min_tokens: int = SamplingParams.min_tokens
     n: int = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -56,7 +57,8 @@ class SamplingFields(BaseModel):
     def sampling_params(self, max_tokens: int | None) -> SamplingParams:
         return SamplingParams(
             logprobs=self.top_n_logprobs(),
-            max_tokens=max_tokens if max_tokens is not None else 16, temperature=self.temperature,
+            max_tokens=max_tokens if max_tokens is not None else SamplingParams.max_tokens,
+            temperature=self.temperature,
             top_p=self.top_p, top_k=max(self.top_k, 0), min_p=self.min_p,
             presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
             repetition_penalty=self.repetition_penalty, seed=self.seed, stop=self.stop,

@@ -1,11 +1,14 @@
 """``pico-vllm generate`` streams a generation to the terminal and reports its timing like
-``mlx_lm.generate``; ``pico-vllm bench`` runs the benchmark sandbox (see ``pico_vllm/bench.py``).
-The engine flags of both are generated from :class:`EngineConfig`'s fields and docstring."""
+``mlx_lm.generate``; ``pico-vllm bench`` runs the benchmark sandbox (see ``pico_vllm/bench.py``);
+``pico-vllm serve`` is the OpenAI-compatible server. The engine flags are generated from
+:class:`EngineConfig`'s fields and docstring. Parsing and checking the arguments imports no MLX
+(``--version``, ``--help`` and a bad flag answer at once); each command imports what it runs."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import re
 import signal
@@ -14,13 +17,10 @@ import time
 from pathlib import Path
 
 from pico_vllm import __version__
+from pico_vllm.bench import ENGINES, WORKLOADS, check_selection, format_table, save
 from pico_vllm.config import EngineConfig
+from pico_vllm.outputs import RequestOutput
 from pico_vllm.sampling_params import MAX_LOGPROBS, SamplingParams
-
-# Debian's OpenBLAS: fp32 matmuls ~20x faster than the reference BLAS in the mlx[cpu] wheel.
-OPENBLAS_PATHS = ("/usr/lib/x86_64-linux-gnu/libopenblas.so.0", "/usr/lib/aarch64-linux-gnu/libopenblas.so.0")
-NO_OPENBLAS_ENV = "PICO_VLLM_NO_OPENBLAS"  # set to 1 to keep the wheel's BLAS
-REEXEC_ENV = "PICO_VLLM_REEXECUTED"  # set in the re-executed process: never loop
 
 # Engine fields the CLI does not expose as flags: --model is its own flag; --seed seeds requests.
 _NOT_FLAGS = {"model", "seed"}
@@ -28,36 +28,26 @@ _CHOICES = {"dtype": ["auto", "float32", "float16", "bfloat16"], "block_size": [
             "capture_graphs": ["lazy", "eager"]}
 
 
-def openblas_preload(environ: dict[str, str], platform: str = sys.platform) -> str | None:
-    """The ``LD_PRELOAD`` to re-execute with so that MLX uses Debian's OpenBLAS, or None when it
-    is loaded already, missing, not Linux, or switched off."""
-    if platform != "linux" or environ.get(NO_OPENBLAS_ENV) or environ.get(REEXEC_ENV):
-        return None
-    path = next((p for p in OPENBLAS_PATHS if os.path.exists(p)), None)
-    preload = environ.get("LD_PRELOAD", "")
-    if path is None or path in preload.split(":"):
-        return None
-    return f"{preload}:{path}" if preload else path
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """argparse's "(default: ...)" where a default says something: not for switches (their help
+    says what they turn on or off) nor for ``None`` (their help says what leaving them out does)."""
 
-
-def reexec_with_openblas(argv: list[str]) -> None:
-    """Replace this process by ``argv`` with OpenBLAS preloaded, when that applies (Linux)."""
-    preload = openblas_preload(dict(os.environ))
-    if preload is not None:
-        os.execve(argv[0], argv, {**os.environ, "LD_PRELOAD": preload, REEXEC_ENV: "1"})
-    if sys.platform == "linux" and not any(os.path.exists(p) for p in OPENBLAS_PATHS) \
-            and not os.environ.get(NO_OPENBLAS_ENV):
-        print("pico-vllm: Debian's OpenBLAS is not installed, so MLX's fp32 matmuls run ~20x slower "
-              "(apt-get install libopenblas0-pthread; set PICO_VLLM_NO_OPENBLAS=1 to hide this)",
-              file=sys.stderr)
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.nargs == 0 or action.default is None:
+            return action.help
+        return super()._get_help_string(action)
 
 
 def _field_help() -> dict[str, str]:
-    """Each EngineConfig attribute's description, from its docstring (one source of truth)."""
+    """Each EngineConfig attribute's description, from its docstring (one source of truth),
+    in the CLI's words: ``None`` is a flag left out, ``a_field`` is ``--a-field``."""
     doc = EngineConfig.__doc__.split("Attributes:", 1)[1]
+    names = {f.name for f in dataclasses.fields(EngineConfig)} - _NOT_FLAGS
     helps: dict[str, str] = {}
     for match in re.finditer(r"^ {8}(\w+): (.*?)(?=^ {8}\w+: |\Z)", doc, re.S | re.M):
-        helps[match[1]] = " ".join(match[2].split()).replace("``", "").replace("%", "%%")
+        text = " ".join(match[2].split()).replace("``None``", "unset")
+        text = re.sub(r"``(\w+)``", lambda m: "--" + m[1].replace("_", "-") if m[1] in names else m[1], text)
+        helps[match[1]] = text.replace("``", "").replace("%", "%%")
     return helps
 
 
@@ -71,9 +61,11 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
         if field.type == "bool":
             if field.default:  # on by default: the flag switches it off
                 parser.add_argument(f"--no-{name.removeprefix('enable-')}", dest=field.name,
-                                    action="store_false", help=helps[field.name])
+                                    action="store_false",
+                                    help=f"turn off (on by default): {helps[field.name]}")
             else:
-                parser.add_argument(f"--{name}", action="store_true", help=helps[field.name])
+                parser.add_argument(f"--{name}", action="store_true",
+                                    help=f"turn on (off by default): {helps[field.name]}")
             continue
         kind = str if field.type == "str" else int
         parser.add_argument(f"--{name}", type=kind, default=field.default,
@@ -87,7 +79,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    defaults = argparse.ArgumentDefaultsHelpFormatter
+    defaults = _HelpFormatter
     parser = argparse.ArgumentParser(prog="pico-vllm", description=__doc__, formatter_class=defaults)
     parser.add_argument("--version", action="version", version=f"pico-vllm {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -118,8 +110,6 @@ def build_parser() -> argparse.ArgumentParser:
                      help="run this many copies of the request concurrently; the first is streamed")
     add_engine_flags(gen)
 
-    from pico_vllm.bench import ENGINES, WORKLOADS
-
     bench = commands.add_parser("bench", help="benchmark pico-vllm against mlx-lm on named workloads",
                                 formatter_class=defaults)
     bench.add_argument("--model", default=None, help=model_help)
@@ -142,7 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="the name clients use for each --model, in order (default: the --model value)")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind")
     serve.add_argument("--port", type=int, default=8000, help="port to bind")
-    serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1")
+    serve.add_argument("--api-key", default=None,
+                       help="require 'Authorization: Bearer KEY' on every route but /health and /metrics")
     serve.add_argument("--max-queue", type=int, default=256,
                        help="requests per model queued or running; more get 429 with Retry-After")
     serve.add_argument("--rate-limit", type=float, default=None,
@@ -220,7 +211,7 @@ def generate(args: argparse.Namespace, terminal: _Terminal) -> None:
     prompt_before, generated_before = stats.prompt_tokens, stats.generated_tokens
     mx.reset_peak_memory()
     started = time.perf_counter()
-    first_token_at = None
+    first_token_at, last = None, None
     streamed = engine.add_request(prompt, params[0])  # a request that can never fit raises here
     for p in params[1:]:
         engine.add_request(prompt, p)
@@ -237,12 +228,12 @@ def generate(args: argparse.Namespace, terminal: _Terminal) -> None:
                     terminal.write(text)
             if out.request_id == streamed:
                 terminal.write(out.delta_text)
-                if args.logprobs is not None and out.top_logprobs:
-                    for top in out.top_logprobs[len(out.top_logprobs) - len(out.delta_token_ids):]:
-                        print("  " + ", ".join(f"{t}:{lp:.3f}" for t, lp in top), file=sys.stderr)
+                last = out
         if first_token_at is None:
             prefill.update(engine.prompt_progress(streamed)[0] - prefill.n)
     terminal.end_line()
+    if args.logprobs is not None:  # after the text, which they would cut into on a terminal
+        print_logprobs(last, llm.engine.tokenizer)
     elapsed = time.perf_counter() - started
     prompt_tokens = stats.prompt_tokens - prompt_before
     generated = stats.generated_tokens - generated_before
@@ -257,22 +248,35 @@ def generate(args: argparse.Namespace, terminal: _Terminal) -> None:
     print(f"Peak memory: {mx.get_peak_memory() / 1e9:.3f} GB", file=sys.stderr)
 
 
-def run_bench(args: argparse.Namespace) -> None:
-    from pico_vllm.bench import ENGINES, WORKLOADS, benchmark, format_table, save
+def print_logprobs(out: RequestOutput, tokenizer) -> None:
+    """On stderr, one line per generated token: its text (as the server shows it: the token
+    decoded alone, so a piece of a multi-byte character reads '\ufffd'), id and log-probability,
+    then the top-n alternatives: ``' Paris' 7042 -0.262  top: ' Paris' -0.262, ' the' -2.011``."""
+    def text(token_id: int) -> str:
+        return repr(tokenizer.decode([token_id]))
 
+    print("Logprobs (token, id, logprob; top-n):", file=sys.stderr)
+    for token, logprob, top in zip(out.token_ids, out.logprobs, out.top_logprobs):
+        alternatives = ", ".join(f"{text(t)} {lp:.3f}" for t, lp in top)
+        print(f"  {text(token)} {token} {logprob:.3f}" + (f"  top: {alternatives}" if top else ""),
+              file=sys.stderr)
+
+
+def run_bench(args: argparse.Namespace) -> None:
     default_rates = "1,2" if args.quick else "0.5,1,2,4"
     try:
         rates = [float(r) for r in (args.rates or default_rates).split(",")]
     except ValueError:
         raise ValueError(f"--rates must be comma-separated numbers, got {args.rates!r}") from None
-    if any(r <= 0 for r in rates):
-        raise ValueError(f"--rates must be positive, got {args.rates!r}")
+    if not all(0 < r < math.inf for r in rates):
+        raise ValueError(f"--rates must be positive and finite, got {args.rates!r}")
     if args.max_num_seqs < 1:
         raise ValueError(f"--max-num-seqs must be >= 1, got {args.max_num_seqs}")
-    results, facts = benchmark(
-        args.model, args.workload or list(WORKLOADS), args.engine or list(ENGINES), args.quick,
-        rates, args.max_num_seqs,
-    )
+    workloads, engines = args.workload or list(WORKLOADS), args.engine or list(ENGINES)
+    check_selection(workloads, engines)
+    from pico_vllm.bench_engines import benchmark  # MLX: only once the arguments are good
+
+    results, facts = benchmark(args.model, workloads, engines, args.quick, rates, args.max_num_seqs)
     print(f"model {facts['model']} ({facts['parameters'] / 1e6:.0f}M parameters) on {facts['device']}; "
           f"peak fp32 matmul {facts['peak_matmul_flops'] / 1e9:.1f} GFLOP/s")
     print(format_table(results, facts))
@@ -338,8 +342,6 @@ def _exit_skipping_destructors() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """The ``pico-vllm`` entry point; returns the exit status (2: bad input, 130: Ctrl-C)."""
-    if argv is None:  # run as a program (not from Python): make sure OpenBLAS is in use
-        reexec_with_openblas([sys.executable, "-m", "pico_vllm.cli", *sys.argv[1:]])
     args = build_parser().parse_args(argv)
     terminal = _Terminal()
     try:

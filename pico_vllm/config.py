@@ -1,12 +1,9 @@
-"""One dataclass that configures the whole engine."""
+"""One dataclass that configures the whole engine (standard library only: the CLI validates its
+flags with it before MLX is imported)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-import mlx.core as mx
-
-from metal_kernels import metal_available
 
 # On the CPU backend there is no unified-memory budget to read, so the pool gets a fixed size.
 CPU_KV_CACHE_BYTES = 512 * 1024**2
@@ -25,7 +22,7 @@ class EngineConfig:
         block_size: tokens per KV block (8, 16 or 32).
         num_blocks: KV blocks in the pool; ``None`` derives it from ``kv_cache_bytes``.
         kv_cache_bytes: KV memory budget; ``None`` means the Metal recommended working set
-            minus the weights, or ``CPU_KV_CACHE_BYTES`` on the CPU.
+            minus the weights, or 512 MiB on the CPU (``CPU_KV_CACHE_BYTES``).
         max_num_seqs: most sequences running at once.
         max_num_batched_tokens: token budget of one step (decode tokens + prefill chunks).
         max_model_len: longest prompt + output; ``None`` takes the model's own limit.
@@ -78,9 +75,3 @@ class EngineConfig:
                 f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}"
             )
 
-
-def resolve_dtype(dtype: str, checkpoint_dtype: mx.Dtype) -> mx.Dtype:
-    """``"auto"`` -> float32 on the CPU, the checkpoint's dtype on Metal; else the named dtype."""
-    if dtype != "auto":
-        return getattr(mx, dtype)
-    return checkpoint_dtype if metal_available() else mx.float32

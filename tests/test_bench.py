@@ -33,7 +33,9 @@ def test_bench_runs_every_engine_on_the_same_requests(random_model, tmp_path, ca
         assert rows[0]["output_tokens"] > 0
         assert all(r["tokens_per_second"] > 0 for r in rows)
     online = [r for r in results if r["workload"] == "online"]
-    assert len(online) == 1 and online[0]["extra"]["ttft_p50"] > 0
+    # Online arrivals run on each pico-vllm engine selected.
+    assert sorted(r["engine"] for r in online) == ["pico-vllm", "pico-vllm eager"]
+    assert all(r["extra"]["ttft_p50"] > 0 for r in online)
     assert (out / "throughput.png").stat().st_size > 0
     assert (out / "latency_vs_rate.png").stat().st_size > 0
 
@@ -41,3 +43,35 @@ def test_bench_runs_every_engine_on_the_same_requests(random_model, tmp_path, ca
 def test_bench_rejects_bad_rates(capsys):
     assert cli_main(["bench", "--rates", "fast"]) == 2
     assert "--rates must be comma-separated numbers" in capsys.readouterr().err
+
+
+def test_an_online_only_run_warms_up_and_measures_each_rate_from_a_cold_prefix_cache(
+        random_model, tmp_path, capsys, monkeypatch):
+    from pico_vllm import bench_engines
+
+    seen = []  # per rate: (tokens the engine generated before it, prompt tokens it took from the cache)
+    real_run_online = bench_engines.run_online
+
+    def run_online(engine, workload, rate):
+        before = (engine.stats.generated_tokens, engine.stats.cached_prompt_tokens)
+        metrics = real_run_online(engine, workload, rate)
+        seen.append((before[0], engine.stats.cached_prompt_tokens - before[1], workload.output_tokens))
+        return metrics
+
+    monkeypatch.setattr(bench_engines, "run_online", run_online)
+    model = random_model("llama", head_dim=32, vocab_size=512)
+    code = cli_main(["bench", "--model", str(model), "--quick", "--workload", "online",
+                     "--engine", "pico-vllm eager", "--rates", "50,50", "--output", str(tmp_path)])
+    assert code == 0
+    out = capsys.readouterr()
+    rows = [line for line in out.out.splitlines() if line.startswith("pico-vllm eager")]
+    assert len(rows) == 2 and "online engine" in out.out
+    assert "workload" not in out.out and "0it" not in out.err  # no empty offline table or bar
+    (first_before, first_hits, output_tokens), (_, second_hits, _) = seen
+    assert first_before >= output_tokens  # the same requests ran once untimed before the first rate
+    assert first_hits == second_hits == 0  # the second rate did not reuse the first one's prefixes
+
+
+def test_bench_rejects_an_online_run_without_a_pico_vllm_engine(capsys):
+    assert cli_main(["bench", "--workload", "online", "--engine", "mlx-lm batch"]) == 2
+    assert "the online workload runs on the pico-vllm engines only" in capsys.readouterr().err

@@ -1,7 +1,10 @@
-"""`pico-vllm generate`: flags, validation before loading, output shape, timing, Ctrl-C, OpenBLAS."""
+"""`pico-vllm generate`: flags and their help, validation before loading (and before MLX is
+imported), output shape, logprobs, timing, Ctrl-C."""
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import os
 import signal
 import subprocess
@@ -11,8 +14,9 @@ import time
 import pytest
 
 import pico_vllm
-from pico_vllm import cli
-from pico_vllm.cli import build_parser, main, openblas_preload
+from pico_vllm.cli import build_parser, main
+from pico_vllm.config import EngineConfig
+from pico_vllm.openblas import NO_OPENBLAS_ENV
 
 
 @pytest.fixture(scope="module")
@@ -28,17 +32,44 @@ def test_version(capsys):
     assert pico_vllm.__version__[0].isdigit()
 
 
-def test_every_flag_has_help_and_shows_its_default(capsys):
-    parser = build_parser()
-    generate = parser._subparsers._group_actions[0].choices["generate"]
-    for action in generate._actions:
-        assert action.help, f"{action.option_strings} has no help"
+def subcommand(name: str) -> argparse.ArgumentParser:
+    return build_parser()._subparsers._group_actions[0].choices[name]
+
+
+def help_text(capsys, command: str) -> str:
     with pytest.raises(SystemExit):
-        main(["generate", "--help"])
-    text = " ".join(capsys.readouterr().out.split())
+        main([command, "--help"])
+    return " ".join(capsys.readouterr().out.split())
+
+
+def test_every_flag_has_help_and_shows_its_default(capsys):
+    for action in subcommand("generate")._actions:
+        assert action.help, f"{action.option_strings} has no help"
+    text = help_text(capsys, "generate")
     for flag, default in [("--block-size", "16"), ("--max-tokens", "128"), ("--max-num-seqs", "64"),
                           ("--capture-graphs", "lazy")]:
         assert flag in text and f"(default: {default})" in text
+    assert "(default: None)" not in text  # --model says what leaving it out does, once
+    assert "KV_CACHE_BYTES" not in text.split("--kv-cache-bytes KV_CACHE_BYTES", 1)[1].split("(")[0]
+    assert "512 MiB on the CPU" in text
+
+
+@pytest.mark.parametrize("command", ["generate", "serve"])
+def test_the_help_of_every_switch_says_what_giving_it_does(command):
+    """Each on/off flag's help starts with what passing it does to its setting (a `--no-...` flag
+    turns it off), and shows no "(default: True)" that reads as the flag's effect."""
+    parser = subcommand(command)
+    switches = [a for a in parser._actions if a.nargs == 0 and a.dest not in ("help",)]
+    assert {"--no-prefix-caching", "--no-async-scheduling", "--enforce-eager"} <= {
+        s for a in switches for s in a.option_strings}
+    for action in switches:
+        given = getattr(parser.parse_args(action.option_strings), action.dest)
+        assert given != action.default, action.option_strings  # the flag changes something
+        formatted = parser.formatter_class("x")._get_help_string(action)
+        assert "(default:" not in formatted, action.option_strings
+        if action.dest in {f.name for f in dataclasses.fields(EngineConfig)}:
+            expected = "turn on (off by default)" if given else "turn off (on by default)"
+            assert formatted.startswith(expected), (action.option_strings, formatted)
 
 
 @pytest.mark.parametrize("argv,error", [
@@ -96,7 +127,7 @@ def test_ctrl_c_exits_130_quietly_keeping_the_output(model_dir):
          "--max-tokens", "900", "--ignore-eos", "--max-model-len", "1024", "--enforce-eager",
          "--num-requests", "8"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env={**os.environ, cli.NO_OPENBLAS_ENV: "1", "OPENBLAS_NUM_THREADS": "1"},
+        env={**os.environ, NO_OPENBLAS_ENV: "1", "OPENBLAS_NUM_THREADS": "1"},
     )
     try:
         deadline = time.monotonic() + 60
@@ -111,34 +142,44 @@ def test_ctrl_c_exits_130_quietly_keeping_the_output(model_dir):
     assert out.endswith("\n") and len(out) > 0
 
 
-@pytest.mark.parametrize("environ,platform,expected", [
-    ({}, "linux", "LIB"),
-    ({"LD_PRELOAD": "/x.so"}, "linux", "/x.so:LIB"),
-    ({"LD_PRELOAD": "LIB"}, "linux", None),  # already loaded
-    ({cli.NO_OPENBLAS_ENV: "1"}, "linux", None),  # opted out
-    ({cli.REEXEC_ENV: "1"}, "linux", None),  # never loop
-    ({}, "darwin", None),
-])
-def test_openblas_preload_decision(monkeypatch, environ, platform, expected):
-    monkeypatch.setattr(cli, "OPENBLAS_PATHS", ("LIB",))
-    monkeypatch.setattr(os.path, "exists", lambda p: p == "LIB")
-    assert openblas_preload(environ, platform) == expected
-
-
-@pytest.mark.skipif(not any(os.path.exists(p) for p in cli.OPENBLAS_PATHS), reason="no OpenBLAS")
-def test_the_entry_point_reexecutes_itself_with_openblas():
-    show = "import os; print(os.environ.get('LD_PRELOAD'))"
-    code = ("import sys; from pico_vllm.cli import reexec_with_openblas; "
-            f"reexec_with_openblas([sys.executable, '-c', {show!r}])")
-    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", cli.REEXEC_ENV)}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                         timeout=60)
-    assert "libopenblas" in out.stdout
-
-
 def test_a_prompt_longer_than_one_step_shows_prefill_progress(model_dir, capsys):
     argv = ["generate", "--model", model_dir, "--max-tokens", "2", "--max-model-len", "256"]
     assert main([*argv, "--prompt", "x" * 100, "--max-num-batched-tokens", "16"]) == 0
     assert "prefill" in capsys.readouterr().err
     assert main([*argv, "--prompt", "x" * 10]) == 0
     assert "prefill" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [
+    ["--version"], ["generate", "--help"], ["serve", "--help"], ["bench", "--help"],
+    ["generate", "--max-tokens", "0"], ["generate", "--block-size", "12"],
+    ["serve", "--max-queue", "0"], ["bench", "--rates", "fast"],
+    ["bench", "--workload", "online", "--engine", "mlx-lm batch"],
+])
+def test_version_help_and_argument_errors_answer_without_importing_mlx(argv):
+    program = (f"import sys\nfrom pico_vllm.cli import main\ntry:\n    code = main({argv!r})\n"
+               "except SystemExit as e:\n    code = e.code\n"
+               "heavy = sorted(m for m in sys.modules\n"
+               "               if m.split('.')[0] in ('mlx', 'mlx_lm', 'transformers'))\n"
+               "print('RESULT', code, heavy, file=sys.stderr)")
+    out = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=60)
+    code = 0 if argv[-1] in ("--version", "--help") else 2
+    assert f"RESULT {code} []" in out.stderr, out.stderr
+
+
+def test_logprobs_are_printed_after_the_text_with_each_token_text(model_dir, capsys):
+    from pico_vllm.llm import LLM
+    from pico_vllm.sampling_params import SamplingParams
+
+    assert main(["generate", "--model", model_dir, "--prompt", "Hi", "--max-tokens", "3",
+                 "--logprobs", "2", "--ignore-eos"]) == 0
+    err = capsys.readouterr().err
+    llm = LLM(model_dir)
+    expected = llm.generate(["Hi"], SamplingParams(max_tokens=3, logprobs=2, ignore_eos=True),
+                            use_tqdm=False)[0]
+    text = lambda t: repr(llm.engine.tokenizer.decode([t]))  # noqa: E731
+    lines = err.split("Logprobs (token, id, logprob; top-n):\n", 1)[1].split("==========")[0].splitlines()
+    assert len(lines) == 3
+    for line, token, logprob, top in zip(lines, expected.token_ids, expected.logprobs, expected.top_logprobs):
+        alternatives = ", ".join(f"{text(t)} {lp:.3f}" for t, lp in top)
+        assert line == f"  {text(token)} {token} {logprob:.3f}  top: {alternatives}"

@@ -126,6 +126,11 @@ class LLMEngine:
         self.scheduler.abort(request_id)
         return self._output(request, "abort", request.emitted_tokens)
 
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached prefix block that no request holds (vLLM's ``reset_prefix_cache``):
+        the next prompt computes its KV again, as on a fresh engine."""
+        self.scheduler.block_manager.reset_prefix_cache()
+
     def unfinished_request_ids(self) -> list[str]:
         return list(self._requests)
 

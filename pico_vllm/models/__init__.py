@@ -8,7 +8,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.utils import dequantize_model, load_model
 
-from pico_vllm.config import resolve_dtype
+from metal_kernels import metal_available
 from pico_vllm.models import llama, qwen2, qwen3
 
 MODEL_CLASSES = {
@@ -18,6 +18,13 @@ MODEL_CLASSES = {
     "qwen3": (qwen3.Model, qwen3.ModelArgs),
 }
 SUPPORTED_ARCHITECTURES = tuple(MODEL_CLASSES)
+
+
+def resolve_dtype(dtype: str, checkpoint_dtype: mx.Dtype) -> mx.Dtype:
+    """``"auto"`` -> float32 on the CPU, the checkpoint's dtype on Metal; else the named dtype."""
+    if dtype != "auto":
+        return getattr(mx, dtype)
+    return checkpoint_dtype if metal_available() else mx.float32
 
 
 def get_model_classes(config: dict) -> tuple[type[nn.Module], type]:

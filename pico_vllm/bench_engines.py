@@ -1,0 +1,174 @@
+"""How each engine of ``pico-vllm bench`` runs a workload, and the run itself (``benchmark``):
+every engine warms up untimed on the same requests first, then is timed (see ``bench.py``)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx.utils import tree_flatten
+from tqdm import tqdm
+
+from pico_vllm.bench import Result, Workload, check_selection, make_workload, percentile
+from pico_vllm.config import EngineConfig
+from pico_vllm.engine.llm_engine import LLMEngine
+from pico_vllm.loader import LoadedModel, load
+from pico_vllm.sampling_params import SamplingParams
+
+
+def run_pico(engine: LLMEngine, workload: Workload) -> tuple[float, int]:
+    """Seconds for pico-vllm to finish every request (all submitted at once), tokens produced."""
+    for prompt, n in workload.requests:
+        engine.add_request(prompt, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))
+    started = time.perf_counter()
+    produced = 0
+    while engine.has_unfinished_requests():
+        produced += sum(len(out.delta_token_ids) for out in engine.step())
+    return time.perf_counter() - started, produced
+
+
+def run_mlx_lm_batch(model: nn.Module, workload: Workload, max_num_seqs: int) -> tuple[float, int]:
+    """Seconds for mlx-lm's ``BatchGenerator`` (no stop tokens: ``ignore_eos``)."""
+    from mlx_lm.generate import BatchGenerator
+
+    generator = BatchGenerator(model, completion_batch_size=max_num_seqs)
+    started = time.perf_counter()
+    generator.insert([p for p, _ in workload.requests], [n for _, n in workload.requests])
+    produced = 0
+    while responses := generator.next_generated():
+        produced += len(responses)
+    generator.close()
+    return time.perf_counter() - started, produced
+
+
+def run_mlx_lm_sequential(model: nn.Module, workload: Workload) -> tuple[float, int]:
+    """Seconds for mlx-lm's ``generate_step``, one request after the other."""
+    from mlx_lm.generate import generate_step
+
+    started = time.perf_counter()
+    produced = 0
+    for prompt, n in workload.requests:
+        produced += sum(1 for _ in generate_step(mx.array(prompt), model, max_tokens=n))
+    return time.perf_counter() - started, produced
+
+
+def run_online(engine: LLMEngine, workload: Workload, rate: float, seed: int = 0) -> dict:
+    """Poisson arrivals at ``rate`` requests/s through ``LLMEngine`` in real time; latencies in
+    seconds: TTFT (arrival -> first token), TPOT (mean gap after the first token, per request),
+    ITL (every gap between tokens)."""
+    gaps = np.random.default_rng(seed).exponential(1 / rate, size=len(workload.requests))
+    arrivals = np.cumsum(gaps) - gaps[0]
+    start = time.perf_counter()
+    pending = list(zip(arrivals, workload.requests))
+    token_times: dict[str, list[float]] = {}
+    arrived: dict[str, float] = {}
+    while pending or engine.has_unfinished_requests():
+        now = time.perf_counter() - start
+        while pending and pending[0][0] <= now:
+            at, (prompt, n) = pending.pop(0)
+            rid = engine.add_request(prompt, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))
+            arrived[rid], token_times[rid] = at, []
+        if not engine.has_unfinished_requests():
+            time.sleep(max(0.0, pending[0][0] - now))
+            continue
+        for out in engine.step():
+            token_times[out.request_id] += [time.perf_counter() - start] * len(out.delta_token_ids)
+    elapsed = time.perf_counter() - start
+    ttft = [times[0] - arrived[rid] for rid, times in token_times.items()]
+    itl = [b - a for times in token_times.values() for a, b in zip(times, times[1:])]
+    tpot = [(t[-1] - t[0]) / (len(t) - 1) for t in token_times.values() if len(t) > 1]
+    return {
+        "rate": rate, "seconds": elapsed,
+        "ttft_p50": percentile(ttft, 50), "ttft_p99": percentile(ttft, 99),
+        "tpot_p50": percentile(tpot, 50), "tpot_p99": percentile(tpot, 99),
+        "itl_p50": percentile(itl, 50), "itl_p99": percentile(itl, 99),
+    }
+
+
+def mlx_lm_twin(loaded: LoadedModel) -> nn.Module:
+    """mlx-lm's own model class for the same config, holding the very same weight arrays."""
+    import importlib
+
+    module = importlib.import_module(f"mlx_lm.models.{loaded.config['model_type']}")
+    twin = module.Model(module.ModelArgs.from_dict(loaded.config))
+    twin.load_weights(tree_flatten(loaded.model.parameters()), strict=False)
+    twin.set_dtype(loaded.dtype)
+    mx.eval(twin.parameters())
+    return twin
+
+
+def peak_matmul_flops(dim: int, repeats: int = 5) -> float:
+    """This machine's fp32 matmul FLOP/s on a large square-ish GEMM (the roofline to compare to)."""
+    a, b = mx.random.normal((512, dim)), mx.random.normal((dim, 4 * dim))
+    mx.eval(a, b, a @ b)
+    best = float("inf")
+    for _ in range(repeats):
+        started = time.perf_counter()
+        mx.eval(a @ b)
+        best = min(best, time.perf_counter() - started)
+    return 2 * 512 * dim * 4 * dim / best
+
+
+def benchmark(
+    model: str | None,
+    workloads: list[str],
+    engines: list[str],
+    quick: bool,
+    rates: list[float],
+    max_num_seqs: int = 32,
+    progress: bool = True,
+) -> tuple[list[Result], dict]:
+    """Run ``workloads`` x ``engines``; returns the results and the machine facts. Every engine
+    first runs each workload's requests once untimed (graphs traced, MLX's buffer cache grown),
+    with the prefix cache reset before each timed run, online rates included."""
+    check_selection(workloads, engines)
+    loaded = load(model)
+    num_params = sum(p.size for _, p in tree_flatten(loaded.model.parameters()))
+    vocab = loaded.config["vocab_size"]
+    facts = {"model": loaded.name, "parameters": num_params,
+             "peak_matmul_flops": peak_matmul_flops(loaded.config["hidden_size"]),
+             "device": str(mx.default_device()), "quick": quick}
+    offline = [w for w in workloads if w != "online"]
+    online_engines = [e for e in engines if e.startswith("pico-vllm")] if "online" in workloads else []
+    used = [e for e in engines if offline or e in online_engines]
+    twin = mlx_lm_twin(loaded) if {"mlx-lm batch", "mlx-lm sequential"} & set(used) else None
+    pico = {
+        name: LLMEngine(EngineConfig(model=model, max_num_seqs=max_num_seqs,
+                                     enforce_eager=name.endswith("eager")), loaded)
+        for name in used if name.startswith("pico-vllm")
+    }
+    runners: dict[str, Callable[[Workload], tuple[float, int]]] = {
+        "pico-vllm": lambda w: run_pico(pico["pico-vllm"], w),
+        "pico-vllm eager": lambda w: run_pico(pico["pico-vllm eager"], w),
+        "mlx-lm batch": lambda w: run_mlx_lm_batch(twin, w, max_num_seqs),
+        "mlx-lm sequential": lambda w: run_mlx_lm_sequential(twin, w),
+    }
+    warmup = Workload("warmup", [(list(range(10, 42)), 8)] * 2)
+    for name in used:  # first calls JIT-compile MLX's kernels: not timed
+        runners[name](warmup)
+
+    results: list[Result] = []
+    jobs = [(w, e) for w in offline for e in engines]
+    for workload_name, engine in tqdm(jobs, desc="bench", disable=not progress or not jobs):
+        workload = make_workload(workload_name, vocab, quick)
+        if engine != "mlx-lm sequential":
+            # An untimed run of the same requests first, as a server would have warmed up: it
+            # traces the decode graphs the workload needs and grows MLX's buffer cache.
+            runners[engine](workload)
+            if engine in pico:
+                pico[engine].reset_prefix_cache()
+        seconds, produced = runners[engine](workload)
+        results.append(Result(workload_name, engine, seconds, workload.prompt_tokens, produced))
+    online_jobs = [(e, rate) for e in online_engines for rate in rates]
+    workload = make_workload("mixed", vocab, quick, seed=1)
+    for engine in online_engines:
+        runners[engine](workload)  # warm, as above: otherwise the first rate pays for it
+    for engine, rate in tqdm(online_jobs, desc="online", disable=not progress or not online_jobs):
+        pico[engine].reset_prefix_cache()  # each rate computes its prompts; none reuses another's
+        metrics = run_online(pico[engine], workload, rate)
+        results.append(Result("online", engine, metrics.pop("seconds"),
+                              workload.prompt_tokens, workload.output_tokens, metrics))
+    return results, facts

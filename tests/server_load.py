@@ -5,6 +5,9 @@ figures (requests/s, TTFT percentiles)::
 
     uv run pico-vllm serve &                              # the embedded model
     uv run python tests/server_load.py --streams 200 --max-tokens 32
+    uv run python tests/server_load.py --model a --api-key sekrit     # a keyed, multi-model server
+
+It exits 1 when any stream got an error other than 429 (a wrong key's 401, say), after saying so.
 """
 
 from __future__ import annotations
@@ -12,7 +15,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import sys
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 
 import httpx
@@ -96,12 +101,19 @@ def prometheus_sum(text: str, name: str) -> float:
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
 
 
+def failures(results: list[StreamResult]) -> Counter:
+    """How many streams got each status other than 200 and 429 (a wrong key's 401, a 400 ...)."""
+    return Counter(r.status for r in results if r.status not in (200, 429))
+
+
 def summary(results: list[StreamResult], seconds: float) -> str:
     completed = [r for r in results if r.status == 200 and not r.leaves_early]
     ttfts = [r.ttft for r in results if r.ttft is not None]
-    hung_up, rejected = sum(r.leaves_early for r in results), sum(r.status == 429 for r in results)
+    hung_up = sum(r.leaves_early and r.status == 200 for r in results)
+    rejected = sum(r.status == 429 for r in results)
+    failed = ", ".join(f"{n} got {status}" for status, n in sorted(failures(results).items()))
     return (f"{len(results)} streams in {seconds:.1f} s: {len(completed)} completed, "
-            f"{hung_up} hung up, {rejected} got 429; "
+            f"{hung_up} hung up, {rejected} got 429{', ' + failed if failed else ''}; "
             f"{len(completed) / seconds:.1f} completed requests/s; TTFT p50 {percentile(ttfts, 50):.2f} s, "
             f"p99 {percentile(ttfts, 99):.2f} s")
 
@@ -111,5 +123,11 @@ if __name__ == "__main__":
     parser.add_argument("--base", default="http://127.0.0.1:8000")
     parser.add_argument("--streams", type=int, default=200)
     parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--model", default=None, help="served model name (needed when several are served)")
+    parser.add_argument("--api-key", default=None, help="the server's --api-key")
     args = parser.parse_args()
-    print(summary(*asyncio.run(run_load(args.base, args.streams, max_tokens=args.max_tokens))))
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else None
+    results, seconds = asyncio.run(run_load(args.base, args.streams, max_tokens=args.max_tokens,
+                                            model=args.model, headers=headers))
+    print(summary(results, seconds))
+    sys.exit(1 if failures(results) else 0)  # e.g. every stream 401: not a load figure

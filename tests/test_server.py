@@ -154,6 +154,40 @@ def test_bad_requests_get_openai_shaped_errors_and_the_server_keeps_serving(clie
     assert ok.status_code == 200
 
 
+def test_errors_outside_the_routes_are_in_openai_shape_too(client):
+    assert_error(client.get("/v1/nothing"), 404, "no route GET /v1/nothing", "not_found_error")
+    wrong = client.get("/v1/completions")
+    assert_error(wrong, 405, "GET is not allowed on /v1/completions (allowed: POST)")
+    broken = client.post("/v1/completions", content=b'{"prompt": "Hi",',
+                         headers={"Content-Type": "application/json"})
+    assert_error(broken, 400, "request body is not valid JSON")
+    assert broken.json()["error"]["param"] is None
+
+
+@pytest.mark.parametrize("body,param,message", [
+    ({"logprobs": True, "top_logprobs": 21}, "top_logprobs", "top_logprobs must be None or an int in [0, 20], got 21"),
+    ({"max_completion_tokens": 0}, "max_completion_tokens", "max_completion_tokens must be >= 1, got 0"),
+    ({"max_tokens": 0}, "max_tokens", "max_tokens must be >= 1, got 0"),
+])
+def test_a_chat_error_names_the_field_as_the_request_spelled_it(client, body, param, message):
+    messages = [{"role": "user", "content": "Hi"}]
+    response = client.post("/v1/chat/completions", json={"messages": messages} | body)
+    assert_error(response, 400, message)
+    assert response.json()["error"]["param"] == param
+
+
+def test_with_several_models_a_request_must_name_one(engines, model_dir):
+    other = AsyncEngine(EngineConfig(model=model_dir, num_blocks=16, max_model_len=64), "other")
+    try:
+        with TestClient(create_app([*engines, other])) as c:
+            assert_error(c.post("/v1/completions", json={"prompt": "Hi"}), 400,
+                         "model is required when several models are served: tiny, other")
+            named = c.post("/v1/completions", json={"prompt": "Hi", "model": "other", "max_tokens": 2})
+            assert named.status_code == 200 and named.json()["model"] == "other"
+    finally:
+        other.shutdown()
+
+
 def test_api_key_guards_v1_but_not_health(engines):
     with TestClient(create_app(engines, api_key="sekrit")) as c:
         assert c.get("/health").status_code == 200

@@ -180,8 +180,9 @@ def test_a_non_streaming_request_whose_client_leaves_is_aborted(load_server):
 
 
 def test_sigterm_drains_requests_in_flight_then_aborts_the_rest_and_exits_0(chat_model):
-    # A short stream (100 tokens) finishes within the 2 s drain; a long one (4 choices of 1,000
-    # tokens: about 5 s here) is aborted when the drain time is up, and still ends properly.
+    # A short stream (100 tokens) finishes within the 2 s drain; a long one (16 choices of 1,000
+    # tokens; 4 once finished within the drain here) is aborted when the drain time is up, and
+    # still ends properly.
     # Meanwhile new requests get 503 and /health answers.
     async def scenario(process: subprocess.Popen, base: str) -> tuple[list, list]:
         async with httpx.AsyncClient(base_url=base, timeout=60) as client:
@@ -197,7 +198,7 @@ def test_sigterm_drains_requests_in_flight_then_aborts_the_rest_and_exits_0(chat
                             first_chunks[index].set()
                 return chunks
 
-            short, long = (asyncio.create_task(stream(0, 100, 1)), asyncio.create_task(stream(1, 1000, 4)))
+            short, long = (asyncio.create_task(stream(0, 100, 1)), asyncio.create_task(stream(1, 1000, 16)))
             for event in first_chunks:
                 await event.wait()
             process.send_signal(signal.SIGTERM)
@@ -207,12 +208,14 @@ def test_sigterm_drains_requests_in_flight_then_aborts_the_rest_and_exits_0(chat
             assert (await client.get("/health")).status_code == 200
             return await short, await long
 
-    with running_server(str(chat_model), "--num-blocks", "512", "--max-model-len", "1024",
+    with running_server(str(chat_model), "--num-blocks", "1100", "--max-model-len", "1024",
                         "--shutdown-timeout", "2") as (process, base):
         short, long = asyncio.run(scenario(process, base))
         _, err = process.communicate(timeout=60)
         assert process.returncode == 0 and "Traceback" not in err, err
-    for chunks, reason, n in ((short, "length", 1), (long, "abort", 4)):
+        # One line says what the drain waits for and how to skip it (1 + 16 choices in flight).
+        assert "draining 17 request(s) in flight for up to 2 s" in err and "signal again" in err
+    for chunks, reason, n in ((short, "length", 1), (long, "abort", 16)):
         assert chunks[-1] == "data: [DONE]"
         finishes = [c for c in chunks[:-1] if '"finish_reason": null' not in c]
         assert len(finishes) == n and all(f'"finish_reason": "{reason}"' in c for c in finishes)

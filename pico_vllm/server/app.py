@@ -4,8 +4,8 @@ Each model has its own :class:`AsyncEngine` (thread, KV pool); a request is rout
 ``model`` field. Streams are server-sent events ending in ``data: [DONE]``; a client that goes
 away aborts its request at once (its blocks are freed). Errors come back in OpenAI's shape,
 ``{"error": {"message", "type", "param", "code"}}``: 400 for invalid input (never FastAPI's 422),
-401 for a missing or wrong API key, 404 for an unknown model, 429 when the queue is full or a
-key is over its rate, 503 while the server shuts down.
+401 for a missing or wrong API key, 404 for an unknown model or route, 405 for a wrong method,
+429 when the queue is full or a key is over its rate, 503 while the server shuts down.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException
 
 from pico_vllm.llm import chat_prompt_ids
 from pico_vllm.outputs import RequestOutput
@@ -87,9 +88,24 @@ def create_app(
     @app.exception_handler(RequestValidationError)
     async def on_invalid(_: Request, e: RequestValidationError) -> JSONResponse:
         first = e.errors()[0]
+        if first["type"] == "json_invalid":  # its "loc" is a character offset, not a field
+            reason = first.get("ctx", {}).get("error", first["msg"])
+            return error_response(APIError(400, f"request body is not valid JSON: {reason}"))
         where = ".".join(str(p) for p in first["loc"] if p != "body")
         message = f"{where}: {first['msg']}" if where else f"request body: {first['msg']}"
         return error_response(APIError(400, message, param=where or None))
+
+    @app.exception_handler(HTTPException)
+    async def on_http_error(request: Request, e: HTTPException) -> JSONResponse:
+        """Starlette's own errors (an unknown route, a wrong method) in OpenAI's shape too."""
+        if e.status_code == 404:
+            return error_response(APIError(404, f"no route {request.method} {request.url.path}",
+                                           "not_found_error"))
+        if e.status_code == 405:
+            allowed = e.headers.get("Allow", "") if e.headers else ""
+            return error_response(APIError(405, f"{request.method} is not allowed on {request.url.path}"
+                                                f" (allowed: {allowed})", headers=e.headers))
+        return error_response(APIError(e.status_code, str(e.detail), headers=e.headers))
 
     async def gate(request: Request) -> None:
         """Shutdown (503), API key (401) and per-key rate limit (429) for every route but
@@ -112,7 +128,10 @@ def create_app(
     guarded = APIRouter(dependencies=[Depends(gate)])
 
     def engine_for(model: str | None) -> AsyncEngine:
-        if model is None:
+        if model is None:  # fine with one model; with several, which one must be said
+            if len(engines) > 1:
+                raise APIError(400, f"model is required when several models are served: "
+                                    f"{', '.join(by_name)}", param="model")
             return engines[0]
         if model not in by_name:
             raise APIError(404, f"model {model!r} is not served here; models: {', '.join(by_name)}",
@@ -183,7 +202,8 @@ def create_app(
     async def chat_completions(body: ChatRequest, request: Request):
         engine = engine_for(body.model)
         admit(engine, body.n)
-        params = _params(body, body.max_completion_tokens or body.max_tokens)
+        max_tokens = body.max_tokens if body.max_completion_tokens is None else body.max_completion_tokens
+        params = _params(body, max_tokens)
         prompt = _chat_prompt(engine, body.messages)
         record = metrics.request(engine.name, time.monotonic())
         streams = await start_choices(request, engine, [prompt], params, body.n, record)
@@ -211,5 +231,7 @@ def _params(body: SamplingFields, max_tokens: int | None) -> SamplingParams:
         raise APIError(400, f"n must be in [1, {MAX_N}], got {body.n}", param="n")
     try:
         return body.sampling_params(max_tokens)
-    except ValueError as e:
-        raise APIError(400, str(e), param=str(e).split(" ", 1)[0]) from None
+    except ValueError as e:  # SamplingParams names its own field: say the request's name for it
+        field, rest = str(e).split(" ", 1)
+        param = body.request_field(field)
+        raise APIError(400, f"{param} {rest}", param=param) from None

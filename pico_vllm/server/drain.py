@@ -11,6 +11,7 @@ exits 0.
 
 from __future__ import annotations
 
+import sys
 import time
 from types import FrameType
 
@@ -36,6 +37,10 @@ class DrainingServer(uvicorn.Server):
         if self.drain_deadline is None:
             self.app.state.closing = True
             self.drain_deadline = time.monotonic() + self.timeout
+            in_flight = sum(engine.num_requests for engine in self.engines)
+            print(f"[pico-vllm] shutting down: new requests get 503; draining {in_flight} request(s) "
+                  f"in flight for up to {self.timeout:g} s (--shutdown-timeout); signal again "
+                  "(Ctrl-C) to stop now", file=sys.stderr, flush=True)
         elif self.should_exit:
             self.force_exit = True  # a third signal: stop waiting for connections too
         else:

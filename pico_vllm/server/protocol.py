@@ -54,6 +54,10 @@ class SamplingFields(BaseModel):
         """How many top logprobs per token the request wants (None: no logprobs)."""
         return None
 
+    def request_field(self, sampling_field: str) -> str:
+        """The name this request gives a ``SamplingParams`` field (for error messages)."""
+        return sampling_field
+
     def sampling_params(self, max_tokens: int | None) -> SamplingParams:
         return SamplingParams(
             logprobs=self.top_n_logprobs(),
@@ -100,6 +104,11 @@ class ChatRequest(SamplingFields):
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
+
+    def request_field(self, sampling_field: str) -> str:
+        if sampling_field == "max_tokens" and self.max_completion_tokens is not None:
+            return "max_completion_tokens"
+        return {"logprobs": "top_logprobs"}.get(sampling_field, sampling_field)
 
     def top_n_logprobs(self) -> int | None:
         if self.top_logprobs is not None and not self.logprobs:

@@ -16,13 +16,21 @@ What must not differ is checked: the pool size (the smallest any rank can hold) 
 
 from __future__ import annotations
 
+import hmac
+import json
+import logging
 import os
 import pickle
+import socket
+import time
 
 import mlx.core as mx
 import numpy as np
 
 CHECK_SAMPLES_ENV = "PICO_VLLM_CHECK_TP"
+DOORBELL_CONNECT_S = 60.0  # how long rank 0 waits for every other rank to connect its doorbell
+
+log = logging.getLogger("pico_vllm")
 
 
 def tensor_parallel_group(size: int) -> mx.distributed.Group:
@@ -76,3 +84,78 @@ def check_same_tokens(token_ids: list[int], group: mx.distributed.Group) -> None
             f"tensor-parallel ranks sampled different tokens: rank {group.rank()} has {token_ids}, "
             f"the ranks' minimum is {low.tolist()} and maximum {high.tolist()}"
         )
+
+
+def rank0_address() -> str | None:
+    """The address rank 0 is reached at, as the launch gave it (the ring's hostfile, JACCL's
+    coordinator), or None when the environment does not say."""
+    try:
+        if os.environ.get("MLX_HOSTFILE"):
+            with open(os.environ["MLX_HOSTFILE"]) as f:
+                return json.load(f)[0][0].rsplit(":", 1)[0]
+        if os.environ.get("MLX_JACCL_COORDINATOR"):
+            return os.environ["MLX_JACCL_COORDINATOR"].rsplit(":", 1)[0]
+    except (OSError, ValueError, IndexError, KeyError, TypeError):
+        pass
+    return None
+
+
+class Doorbell:
+    """Rank 0 rings before each :func:`share`; the other ranks wait for the ring in the kernel.
+
+    MLX's ring backend busy-polls its non-blocking sockets while a collective waits, so a rank
+    parked inside ``share`` while rank 0 has nothing to send spins a core: an idle 2-rank server
+    burnt ~0.7 of a core in its follower. A follower instead blocks on a plain TCP socket from
+    rank 0 (one byte per ring) and enters ``share`` only when rank 0 is entering it too. Made
+    collectively: rank 0 listens on its launch address and shares (address, port, secret); each
+    other rank connects and proves it holds the secret. Where the launch names no address for
+    rank 0, there is no doorbell (``enabled`` False) and idle followers spin as before.
+    """
+
+    def __init__(self, group: mx.distributed.Group) -> None:
+        self.group, self._peers, self._bell = group, [], None
+        address = rank0_address() if group.rank() == 0 else None
+        listener = socket.create_server((address, 0)) if address else None
+        secret = os.urandom(16).hex()
+        offer = share((address, listener.getsockname()[1], secret) if listener else None, group)
+        self.enabled = offer is not None
+        if not self.enabled:
+            if group.rank() == 0:
+                log.warning("pico-vllm: the launch names no address for rank 0, so idle ranks wait "
+                            "inside MLX's collectives, which busy-poll (a core each)")
+            return
+        if group.rank() == 0:
+            self._accept(listener, secret, group.size() - 1)
+        else:
+            self._bell = socket.create_connection(offer[:2], timeout=DOORBELL_CONNECT_S)
+            self._bell.settimeout(None)
+            self._bell.sendall(offer[2].encode())
+
+    def _accept(self, listener: socket.socket, secret: str, count: int) -> None:
+        deadline = time.monotonic() + DOORBELL_CONNECT_S
+        with listener:
+            while len(self._peers) < count:
+                listener.settimeout(max(0.1, deadline - time.monotonic()))
+                peer, _ = listener.accept()  # socket.timeout past the deadline: start-up fails
+                peer.settimeout(5)
+                try:
+                    proof = peer.recv(len(secret)).decode(errors="replace")
+                except OSError:
+                    proof = ""
+                if not hmac.compare_digest(proof, secret):
+                    peer.close()  # not one of our ranks
+                    continue
+                peer.settimeout(None)
+                peer.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                self._peers.append(peer)
+
+    def ring(self) -> None:
+        """Rank 0: the others may enter ``share`` now."""
+        for peer in self._peers:
+            peer.sendall(b"\x01")
+
+    def wait(self) -> None:
+        """Any other rank: block (no CPU) until rank 0 rings; a closed bell also returns (rank 0
+        is gone: the ``share`` that follows fails loudly)."""
+        if self._bell is not None:
+            self._bell.recv(1)

@@ -165,7 +165,8 @@ def test_errors_outside_the_routes_are_in_openai_shape_too(client):
 
 
 @pytest.mark.parametrize("body,param,message", [
-    ({"logprobs": True, "top_logprobs": 21}, "top_logprobs", "top_logprobs must be None or an int in [0, 20], got 21"),
+    ({"logprobs": True, "top_logprobs": 21}, "top_logprobs",
+     "top_logprobs must be None or an int in [0, 20], got 21"),
     ({"max_completion_tokens": 0}, "max_completion_tokens", "max_completion_tokens must be >= 1, got 0"),
     ({"max_tokens": 0}, "max_tokens", "max_tokens must be >= 1, got 0"),
 ])

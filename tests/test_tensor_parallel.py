@@ -162,3 +162,58 @@ def test_serve_under_mlx_launch_answers_like_one_process_and_stops_cleanly(chat_
             os.kill(pid, signal.SIGTERM)
         _, err = process.communicate(timeout=60)
     assert process.returncode == 0 and "exited with code" not in err and "Traceback" not in err, err
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@pytest.mark.slow
+def test_an_idle_two_rank_server_sleeps_instead_of_spinning(chat_model, tmp_path):
+    """MLX's ring collectives busy-poll while they wait, so a follower parked in one spun a core
+    (9.9 s of CPU per 10 s idle); it now waits on rank 0's doorbell. The ranks are started the
+    way MLX documents without mlx.launch (MLX_RANK + MLX_HOSTFILE): mlx.launch 0.32's own I/O
+    forwarding loop spins too, whatever the ranks do, and would hide theirs."""
+    import time
+
+    import httpx
+    from test_server_live import free_port
+
+    hostfile = tmp_path / "ring.json"
+    hostfile.write_text(json.dumps([[f"127.0.0.1:{free_port()}"], [f"127.0.0.1:{free_port()}"]]))
+    port = free_port()
+    command = [sys.executable, "-m", "pico_vllm.cli", "serve", "--model", str(chat_model),
+               "--port", str(port), "--tensor-parallel-size", "2", "--num-blocks", "64",
+               "--max-model-len", "256"]
+    ranks = [subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "MLX_RANK": str(r), "MLX_HOSTFILE": str(hostfile)},
+                              start_new_session=True) for r in range(2)]
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert all(r.poll() is None for r in ranks) and time.monotonic() < deadline
+            time.sleep(0.2)
+        body = {"prompt": "Hi", "max_tokens": 8, "ignore_eos": True}
+        assert httpx.post(f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=30).status_code == 200
+        time.sleep(1)
+        before = [cpu_seconds(r.pid) for r in ranks]
+        time.sleep(10)
+        idle = [cpu_seconds(r.pid) - b for r, b in zip(ranks, before)]
+        assert sum(idle) < 1.0, f"CPU seconds per rank over 10 s idle: {idle}"
+        answer = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=30)
+        assert answer.status_code == 200  # and it still serves after the idle time
+        for r in ranks:
+            r.send_signal(signal.SIGTERM)
+        for r in ranks:
+            _, err = r.communicate(timeout=60)
+            assert r.returncode == 0 and "Traceback" not in err, err
+    finally:
+        for r in ranks:
+            if r.poll() is None:
+                os.killpg(r.pid, signal.SIGKILL)

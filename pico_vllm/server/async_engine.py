@@ -13,6 +13,8 @@ request is running the thread sleeps on the command queue.
 Under tensor parallelism (``mlx.launch``) this runs on rank 0 only: each loop turns the commands
 into plain tuples and shares them (``distributed.share``) before applying them, and every other
 rank runs :func:`follow`, applying the same tuples to its own engine and stepping in lockstep.
+Before each share rank 0 rings a ``distributed.Doorbell``: an idle follower sleeps on it rather
+than inside MLX's collective, which busy-polls.
 """
 
 from __future__ import annotations
@@ -112,6 +114,7 @@ class AsyncEngine:
     def _run(self, config: EngineConfig, loaded: LoadedModel) -> None:
         try:
             self.engine = LLMEngine(config, loaded)
+            doorbell = distributed.Doorbell(self.engine.group) if self.engine.group is not None else None
         except BaseException as e:  # the caller re-raises it
             self._startup_error = e
             self._ready.set()
@@ -120,7 +123,8 @@ class AsyncEngine:
         while True:
             wire = self._take_commands(block=not self.engine.has_unfinished_requests())
             stop = self._stopping or not threading.main_thread().is_alive()
-            if self.engine.group is not None:  # tensor parallel: the other ranks apply the same
+            if doorbell is not None:  # tensor parallel: the other ranks apply the same
+                doorbell.ring()
                 distributed.share((wire, stop), self.engine.group)
             if stop:
                 return
@@ -230,7 +234,9 @@ def follow(config: EngineConfig) -> None:
     receives rank 0's commands, applies them to its own engine and steps it (the all_sums inside
     the model meet rank 0's), discarding the outputs, until rank 0 stops."""
     engine = LLMEngine(config)
+    doorbell = distributed.Doorbell(engine.group)  # idle, wait here: not inside a spinning collective
     while True:
+        doorbell.wait()
         wire, stop = distributed.share(None, engine.group)
         if stop:
             return

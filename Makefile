@@ -6,6 +6,8 @@ SHELL := /bin/bash
 UV := $(or $(shell command -v uv 2>/dev/null),$(CURDIR)/.tools/bin/uv)
 
 # The mlx[cpu] wheel ships reference BLAS (~3.6 GFLOP/s); Debian's OpenBLAS is ~20x faster.
+# `import pico_vllm` loads it by itself; the preload also covers processes that import MLX first
+# (the tests' mlx-lm oracles, `python -m metal_kernels.bench`).
 OPENBLAS := /usr/lib/x86_64-linux-gnu/libopenblas.so.0
 ifeq ($(shell uname -s),Linux)
 ifneq ($(wildcard $(OPENBLAS)),)
@@ -14,6 +16,9 @@ endif
 endif
 
 PYTEST_ARGS ?=
+# Extra arguments for `jupyter lab`. As root (a container) it refuses to start without --allow-root.
+NOTEBOOK_ARGS ?=
+JUPYTER_AS_ROOT := $(if $(filter 0,$(shell id -u)),--allow-root,)
 
 .PHONY: help sync run test lint clean notebooks notebooks-figures strip-notebooks
 
@@ -21,7 +26,7 @@ help:
 	@echo "make run    set up, then run the benchmark sandbox on the embedded default model"
 	@echo "make test   set up, then run the test suite"
 	@echo "make lint   ruff"
-	@echo "make notebooks          open the notebooks in JupyterLab"
+	@echo "make notebooks          open the notebooks in JupyterLab (NOTEBOOK_ARGS=... for jupyter lab)"
 	@echo "make notebooks-figures  run every notebook, refreshing notebooks/figures/ (outputs not kept)"
 	@echo "make strip-notebooks    remove outputs from the notebooks before committing"
 	@echo "make clean  remove the venv and caches"
@@ -43,7 +48,7 @@ lint: sync
 	$(UV) run ruff check pico_vllm metal_kernels tests notebooks
 
 notebooks: sync
-	$(UV) run --with jupyterlab jupyter lab notebooks/
+	$(UV) run --with jupyterlab jupyter lab $(JUPYTER_AS_ROOT) $(NOTEBOOK_ARGS) notebooks/
 
 notebooks-figures: sync
 	cd notebooks && for nb in [0-9]*.ipynb; do $(UV) run jupyter execute "$$nb" || exit 1; done

@@ -11,7 +11,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import httpx
@@ -43,20 +43,26 @@ def running_server(model: str, *flags: str, launcher: tuple[str, ...] = (),
     )
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert process.poll() is None and time.monotonic() < deadline, process.stderr.read()
-            time.sleep(0.2)
+        wait_for_health(base, lambda: process.poll() is None, lambda: process.stderr.read())
         yield process, base
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
         process.wait(timeout=30)
+
+
+def wait_for_health(base: str, alive: Callable[[], bool], why: Callable[[], str],
+                    timeout: float = 60) -> None:
+    """Until ``base``/health answers 200; fails (saying ``why()``) if the server dies or time runs out."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if httpx.get(f"{base}/health", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        assert alive() and time.monotonic() < deadline, why()
+        time.sleep(0.2)
 
 
 def stop(process: subprocess.Popen, sig: signal.Signals) -> None:

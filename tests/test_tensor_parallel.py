@@ -178,7 +178,7 @@ def test_an_idle_two_rank_server_sleeps_instead_of_spinning(chat_model, tmp_path
     import time
 
     import httpx
-    from test_server_live import free_port
+    from test_server_live import free_port, wait_for_health
 
     hostfile = tmp_path / "ring.json"
     hostfile.write_text(json.dumps([[f"127.0.0.1:{free_port()}"], [f"127.0.0.1:{free_port()}"]]))
@@ -190,15 +190,8 @@ def test_an_idle_two_rank_server_sleeps_instead_of_spinning(chat_model, tmp_path
                               env={**os.environ, "MLX_RANK": str(r), "MLX_HOSTFILE": str(hostfile)},
                               start_new_session=True) for r in range(2)]
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert all(r.poll() is None for r in ranks) and time.monotonic() < deadline
-            time.sleep(0.2)
+        wait_for_health(f"http://127.0.0.1:{port}", lambda: all(r.poll() is None for r in ranks),
+                        lambda: "a rank exited before serving", timeout=120)
         body = {"prompt": "Hi", "max_tokens": 8, "ignore_eos": True}
         assert httpx.post(f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=30).status_code == 200
         time.sleep(1)

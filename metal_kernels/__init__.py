@@ -1,10 +1,15 @@
-"""pico-vllm's paged decode attention: the Metal kernel and its pure-MLX reference, behind one
+"""pico-vllm's paged decode attention: the Metal kernels and their pure-MLX reference, behind one
 function, :func:`paged_attention`. This package depends on MLX only.
 
-``paged_attention`` runs the kernel when it can — Metal is there, the shapes are covered, and
-the kernel passed its self-check — and the reference otherwise. On the first use on a Mac the
-kernel is checked against the reference on a small random case; a mismatch switches this process
-to the reference for good: wrong tokens are never an option.
+``paged_attention`` runs the kernels when it can -- Metal is there, the inputs are covered, and
+*this template instance* passed its self-check -- and the reference otherwise. Every instance
+(dtype, head_dim, block size, query heads per threadgroup, simdgroups) is checked the first time
+it is asked for, in the caller's dtype, against the reference, evaluated at once: MLX builds a
+kernel library lazily, when a graph is evaluated, so an instance that fails to build would
+otherwise surface inside a model step. A failure (a build error or a wrong result) is logged
+once and sends that instance to the reference for the life of the process: wrong tokens are
+never an option. The engine calls :func:`prepare` when it starts, so no check ever runs inside
+a graph ``mx.compile`` is tracing (where nothing may be evaluated).
 """
 
 from __future__ import annotations
@@ -13,14 +18,20 @@ import logging
 
 import mlx.core as mx
 
-from metal_kernels.kernel import paged_attention_kernel, unsupported_reason
+from metal_kernels.kernel import instance, paged_attention_kernel, unsupported_reason
 from metal_kernels.reference import paged_attention_reference
 
-__all__ = ["metal_available", "paged_attention", "paged_attention_metal", "paged_attention_reference"]
+__all__ = ["metal_available", "paged_attention", "paged_attention_metal", "paged_attention_reference",
+           "prepare"]
 
 logger = logging.getLogger("pico_vllm.metal")
 
-_self_check: dict[str, bool] = {}  # "passed" -> bool, once run
+# How far the kernel may be from the reference, relative to 1 + |reference|: both read the same
+# inputs in the same dtype; they differ by accumulation order and by rounding the output once
+# (bf16 alone: ~4e-3).
+TOLERANCE = {mx.float32: 1e-4, mx.float16: 4e-3, mx.bfloat16: 3e-2}
+
+_verdicts: dict[tuple, bool] = {}  # template instance -> passed its self-check
 _reported: set[str] = set()
 
 
@@ -37,7 +48,7 @@ def paged_attention(
     context_lens: mx.array,
     scale: float,
 ) -> mx.array:
-    """Decode attention over the paged pool: the Metal kernel where it runs, else the reference.
+    """Decode attention over the paged pool: the Metal kernels where they run, else the reference.
 
     Same contract as :func:`paged_attention_reference`.
     """
@@ -55,46 +66,74 @@ def paged_attention_metal(
     context_lens: mx.array,
     scale: float,
 ) -> mx.array | None:
-    """The kernel's ``[B, Hq, D]`` output, or ``None`` when the caller must use the reference."""
+    """The kernels' ``[B, Hq, D]`` output, or ``None`` when the caller must use the reference."""
     if not metal_available():
         return None
-    reason = unsupported_reason(q, k_pool)
+    reason = unsupported_reason(q, k_pool, v_pool, block_tables, context_lens)
     if reason is not None:
         if reason not in _reported:
             _reported.add(reason)
             logger.debug("paged attention falls back to the MLX reference: %s", reason)
         return None
-    if not self_check_passed():
+    num_kv_heads, _, block_size, head_dim = k_pool.shape
+    if not prepare(q.dtype, q.shape[1], num_kv_heads, head_dim, block_size):
         return None
     return paged_attention_kernel(q, k_pool, v_pool, block_tables, context_lens, scale)
 
 
-def self_check_passed() -> bool:
-    """Compare kernel and reference once per process on a small random case."""
-    if "passed" not in _self_check:
-        _self_check["passed"] = _run_self_check()
-    return _self_check["passed"]
-
-
-def _run_self_check() -> bool:
-    key = mx.random.key(0)
-    k1, k2, k3 = mx.random.split(key, 3)
-    num_blocks, block_size, head_dim = 48, 16, 64
-    q = mx.random.normal((3, 8, head_dim), key=k1)
-    k_pool = mx.random.normal((2, num_blocks, block_size, head_dim), key=k2)
-    v_pool = mx.random.normal((2, num_blocks, block_size, head_dim), key=k3)
-    tables = mx.array([list(range(i, 45, 3)) for i in range(3)], dtype=mx.int32)  # interleaved
-    lengths = mx.array([1, 17, 700 % (15 * block_size)], dtype=mx.int32)
-    try:
-        got = paged_attention_kernel(q, k_pool, v_pool, tables, lengths, head_dim**-0.5)
-        want = paged_attention_reference(q, k_pool, v_pool, tables, lengths, head_dim**-0.5)
-        error = mx.abs(got - want).max().item()
-    except Exception as e:  # a kernel that fails to compile or run is a failed check too
-        logger.warning("Metal paged-attention kernel failed its self-check (%s); using the "
-                       "MLX reference in this process", e)
+def prepare(dtype: mx.Dtype, num_q_heads: int, num_kv_heads: int, head_dim: int, block_size: int) -> bool:
+    """Self-check the kernel instance these shapes use, now, unless it was checked already;
+    True when the kernels will serve it. Off Metal, or for inputs the kernel does not take,
+    False without a check."""
+    if not metal_available():
         return False
-    if not error < 1e-3:
-        logger.warning("Metal paged-attention kernel failed its self-check (max error %.3g); "
-                       "using the MLX reference in this process", error)
+    key = instance(dtype, num_q_heads, num_kv_heads, head_dim, block_size)
+    if key not in _verdicts:
+        _verdicts[key] = _self_check(key, dtype, num_q_heads // num_kv_heads, head_dim, block_size)
+    return _verdicts[key]
+
+
+def self_check_cases(dtype: mx.Dtype, group: int, head_dim: int, block_size: int) -> list[tuple]:
+    """Inputs that exercise an instance the way the model will: 2 KV heads of ``group`` query
+    heads, contexts spanning several partitions, a context-0 (padding) row and one longer than
+    its table, shuffled blocks; batches of 3 and 9 (MLX passes small inputs in the ``constant``
+    address space, so batches under and over 8 get differently generated kernels)."""
+    keys = iter(mx.random.split(mx.random.key(0), 8))
+    num_kv_heads, width = 2, -(-600 // block_size) + 1
+    num_blocks = 9 * width + 1
+    k_pool = mx.random.normal((num_kv_heads, num_blocks, block_size, head_dim), key=next(keys)).astype(dtype)
+    v_pool = mx.random.normal((num_kv_heads, num_blocks, block_size, head_dim), key=next(keys)).astype(dtype)
+    order = mx.random.permutation(num_blocks, key=next(keys)).astype(mx.int32)
+    cases = []
+    for lengths in ([0, 37, 10_000], [1, block_size, block_size + 1, 0, 200, 600, 317, 10_000, 45]):
+        batch = len(lengths)
+        q = mx.random.normal((batch, num_kv_heads * group, head_dim), key=next(keys)).astype(dtype)
+        tables = order[: batch * width].reshape(batch, width)
+        cases.append((q, k_pool, v_pool, tables, mx.array(lengths, dtype=mx.int32), head_dim**-0.5))
+    return cases
+
+
+def _self_check(key: tuple, dtype: mx.Dtype, group: int, head_dim: int, block_size: int) -> bool:
+    try:
+        error = 0.0
+        for case in self_check_cases(dtype, group, head_dim, block_size):
+            got = paged_attention_kernel(*case).astype(mx.float32)
+            want = paged_attention_reference(*case).astype(mx.float32)
+            gap = mx.max(mx.abs(got - want) / (1 + mx.abs(want)))
+            mx.eval(gap)  # here, inside the try: builds the instance's pipelines now
+            error = max(error, gap.item())
+    except Exception as e:  # a kernel that fails to build or run fails its check
+        logger.warning("Metal paged-attention kernel %s failed its self-check (%s); that instance "
+                       "uses the MLX reference in this process", _name(key), e)
+        return False
+    if not error <= TOLERANCE[dtype]:  # NaN fails too
+        logger.warning("Metal paged-attention kernel %s failed its self-check (error %.3g over "
+                       "%.0e); that instance uses the MLX reference in this process",
+                       _name(key), error, TOLERANCE[dtype])
         return False
     return True
+
+
+def _name(key: tuple) -> str:
+    dtype, head_dim, block_size, gq, nsg = key
+    return f"<{str(dtype).removeprefix('mlx.core.')}, D={head_dim}, BS={block_size}, GQ={gq}, NSG={nsg}>"

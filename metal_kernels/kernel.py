@@ -1,7 +1,20 @@
-"""Builds and launches the paged-attention kernel in ``paged_attention.metal``.
+"""Builds and launches the two paged-attention kernels: ``paged_attention.metal`` (pass 1,
+per-partition partial softmaxes) and ``paged_attention_merge.metal`` (pass 2, the exact merge
+of the partitions, written in the model's dtype).
 
-Pass 1 is the Metal kernel (per-partition partial softmaxes); pass 2 merges the partitions in
-MLX ops and is skipped when one partition covers every context.
+How a launch is shaped is decided here, at run time, from the shapes of the step (``mx.compile``
+traces one launch per decode bucket):
+
+- **Partitions.** A threadgroup serves one (partition, KV head, sequence); at batch 1 a model
+  has only a handful of KV heads (SmolLM2: 3), so without partitions a launch would be a dozen
+  threadgroups on a GPU that runs hundreds. ``num_partitions`` splits each block table into up
+  to ``MAX_PARTITIONS`` block-aligned partitions until the launch has ``TARGET_THREADGROUPS``
+  threadgroups (several per GPU core, as MLX sizes its two-pass ``sdpa_vector``), but never
+  fewer than one block per simdgroup.
+- **Query heads per threadgroup.** All ``G`` query heads of a KV head share its K/V reads; each
+  head costs a lane ``2 * D / 32`` registers, so a threadgroup takes ``GQ``, the largest divisor of
+  ``G`` that keeps them under ``MAX_HEAD_REGISTERS`` floats, and ``G / GQ`` threadgroups share a
+  KV head.
 """
 
 from __future__ import annotations
@@ -12,106 +25,134 @@ from pathlib import Path
 import mlx.core as mx
 
 SOURCE_PATH = Path(__file__).with_name("paged_attention.metal")
-INPUT_NAMES = ["q", "k_pool", "v_pool", "block_tables", "context_lens", "scale"]
+MERGE_SOURCE_PATH = Path(__file__).with_name("paged_attention_merge.metal")
+INPUT_NAMES = ["q", "k_pool", "v_pool", "block_tables", "context_lens", "scale", "blocks_per_part"]
 OUTPUT_NAMES = ["o_part", "ml_part"]
 
 HEAD_DIMS = (64, 80, 96, 128, 256)
 BLOCK_SIZES = (8, 16, 32)
 DTYPES = (mx.float16, mx.bfloat16, mx.float32)
-PARTITION_SIZE = 512  # tokens per threadgroup: long contexts split into several partitions
+NUM_SIMDGROUPS = 4  # per threadgroup
+TARGET_THREADGROUPS = 512
+MAX_PARTITIONS = 64
+MAX_HEAD_REGISTERS = 32  # floats per lane for the q (and again the o) of a threadgroup's heads
 THREADGROUP_MEMORY_LIMIT = 32 * 1024  # bytes, on every Apple GPU
 
 
-def kernel_source() -> str:
-    """The kernel body MLX wraps (read from the ``.metal`` file)."""
-    return SOURCE_PATH.read_text()
+def kernel_source(path: Path = SOURCE_PATH) -> str:
+    """A kernel body MLX wraps (read from its ``.metal`` file)."""
+    return path.read_text()
 
 
 @functools.cache
 def build_kernel(source: str | None = None, name: str = "pico_paged_attention"):
-    """The ``mx.fast.metal_kernel`` object (MLX compiles one pipeline per template instance)."""
-    return mx.fast.metal_kernel(
-        name=name,
-        input_names=INPUT_NAMES,
-        output_names=OUTPUT_NAMES,
-        source=source or kernel_source(),
-    )
+    """Pass 1's ``mx.fast.metal_kernel`` object (MLX compiles one pipeline per template instance)."""
+    return mx.fast.metal_kernel(name=name, input_names=INPUT_NAMES, output_names=OUTPUT_NAMES,
+                                source=source or kernel_source())
 
 
-def threadgroup_bytes(num_simdgroups: int, group: int, head_dim: int) -> int:
-    """Threadgroup memory of one instance: tg_o[NSG*G*D] + tg_m[NSG*G] + tg_l[NSG*G] floats."""
-    return 4 * num_simdgroups * group * (head_dim + 2)
+@functools.cache
+def build_merge_kernel(source: str | None = None, name: str = "pico_paged_attention_merge"):
+    """Pass 2's ``mx.fast.metal_kernel`` object."""
+    return mx.fast.metal_kernel(name=name, input_names=["o_part", "ml_part"], output_names=["out"],
+                                source=source or kernel_source(MERGE_SOURCE_PATH))
 
 
-def num_simdgroups(group: int, head_dim: int) -> int:
-    """As many simdgroups (up to 4) as threadgroup memory allows for the merge buffers."""
-    for nsg in (4, 2, 1):
-        if threadgroup_bytes(nsg, group, head_dim) <= THREADGROUP_MEMORY_LIMIT:
-            return nsg
-    raise ValueError(f"GQA group {group} x head_dim {head_dim} does not fit threadgroup memory")
+def threadgroup_bytes(head_dim: int, num_simdgroups: int = NUM_SIMDGROUPS) -> int:
+    """Threadgroup memory of pass 1: tg_o[NSG * D] + tg_ml[NSG * 2] floats, whatever the group."""
+    return 4 * num_simdgroups * (head_dim + 2)
 
 
-def unsupported_reason(q: mx.array, k_pool: mx.array) -> str | None:
-    """Why the kernel cannot take these shapes, or None when it can."""
+def heads_per_threadgroup(group: int, head_dim: int) -> int:
+    """``GQ``: the most query heads of one KV head a threadgroup serves within the register cap."""
+    per_head = -(-head_dim // 32)
+    return max(d for d in range(1, group + 1) if group % d == 0 and d * per_head <= MAX_HEAD_REGISTERS)
+
+
+def num_partitions(batch: int, threadgroups_per_sequence: int, max_blocks: int) -> int:
+    """Partitions per block table: enough threadgroups to fill the GPU, one block per simdgroup
+    at least, ``MAX_PARTITIONS`` at most."""
+    wanted = -(-TARGET_THREADGROUPS // max(1, batch * threadgroups_per_sequence))
+    return max(1, min(wanted, MAX_PARTITIONS, -(-max_blocks // NUM_SIMDGROUPS)))
+
+
+def unsupported_reason(q: mx.array, k_pool: mx.array, v_pool: mx.array, block_tables: mx.array,
+                       context_lens: mx.array) -> str | None:
+    """Why the kernel cannot take these inputs, or None when it can."""
     _, num_q_heads, head_dim = q.shape
     num_kv_heads, _, block_size, _ = k_pool.shape
     if head_dim not in HEAD_DIMS:
         return f"head_dim {head_dim} (kernel supports {HEAD_DIMS})"
     if block_size not in BLOCK_SIZES:
         return f"block_size {block_size} (kernel supports {BLOCK_SIZES})"
-    if q.dtype not in DTYPES or k_pool.dtype != q.dtype:
-        return f"dtypes q={q.dtype} kv={k_pool.dtype}"
-    group = num_q_heads // num_kv_heads
-    if threadgroup_bytes(1, group, head_dim) > THREADGROUP_MEMORY_LIMIT:
-        return f"GQA group {group} with head_dim {head_dim} exceeds threadgroup memory"
+    if q.dtype not in DTYPES or k_pool.dtype != q.dtype or v_pool.dtype != q.dtype:
+        return f"dtypes q={q.dtype} k={k_pool.dtype} v={v_pool.dtype}"
+    if v_pool.shape != k_pool.shape:
+        return f"v_pool {v_pool.shape} is not shaped like k_pool {k_pool.shape}"
+    if num_q_heads % num_kv_heads:
+        return f"{num_q_heads} query heads do not split over {num_kv_heads} KV heads"
+    if block_tables.dtype != mx.int32 or context_lens.dtype != mx.int32:
+        return f"block_tables {block_tables.dtype} / context_lens {context_lens.dtype} (need int32)"
     return None
 
 
-def launch_config(
-    q: mx.array, k_pool: mx.array, block_tables: mx.array, partition_size: int = PARTITION_SIZE
-) -> dict:
-    """Template, grid and output shapes of one launch (grid counts threads, as MLX wants)."""
+def instance(dtype: mx.Dtype, num_q_heads: int, num_kv_heads: int, head_dim: int,
+             block_size: int) -> tuple:
+    """What MLX compiles one pass-1 pipeline for (the self-check's unit)."""
+    group = num_q_heads // num_kv_heads
+    return (dtype, head_dim, block_size, heads_per_threadgroup(group, head_dim), NUM_SIMDGROUPS)
+
+
+def launch_config(q: mx.array, k_pool: mx.array, block_tables: mx.array,
+                  partitions: int | None = None) -> dict:
+    """Template, grid, output shapes and partition size of one pass-1 launch (MLX's grid counts
+    threads). ``partitions`` overrides ``num_partitions`` (the tests walk 1 to 64)."""
     batch, num_q_heads, head_dim = q.shape
     num_kv_heads, block_size = k_pool.shape[0], k_pool.shape[2]
-    group = num_q_heads // num_kv_heads
-    max_tokens = block_tables.shape[1] * block_size
-    parts = max(1, -(-max_tokens // partition_size))
-    nsg = num_simdgroups(group, head_dim)
+    dtype, _, _, gq, nsg = instance(q.dtype, num_q_heads, num_kv_heads, head_dim, block_size)
+    chunks = num_q_heads // num_kv_heads // gq
+    max_blocks = block_tables.shape[1]
+    parts = partitions or num_partitions(batch, num_kv_heads * chunks, max_blocks)
+    blocks_per_part = max(1, -(-max_blocks // parts))
+    parts = max(1, -(-max_blocks // blocks_per_part))  # no partition left without a block
     return dict(
-        template=[("T", q.dtype), ("D", head_dim), ("BS", block_size), ("G", group),
-                  ("NSG", nsg), ("PART", partition_size)],
-        grid=(parts * nsg * 32, num_kv_heads, batch),
+        template=[("T", dtype), ("D", head_dim), ("BS", block_size), ("GQ", gq), ("NSG", nsg)],
+        grid=(parts * nsg * 32, num_kv_heads * chunks, batch),
         threadgroup=(nsg * 32, 1, 1),
         output_shapes=[(batch, num_q_heads, parts, head_dim), (batch, num_q_heads, parts, 2)],
         output_dtypes=[mx.float32, mx.float32],
+        blocks_per_part=blocks_per_part,
     )
 
 
 def paged_attention_partials(
     q, k_pool, v_pool, block_tables, context_lens, scale: float, *,
-    partition_size: int = PARTITION_SIZE, kernel=None, verbose: bool = False,
+    partitions: int | None = None, kernel=None, verbose: bool = False,
 ) -> tuple[mx.array, mx.array]:
     """Pass 1: ``o_part[B, Hq, P, D]`` (normalized per partition), ``ml_part[B, Hq, P, 2]``."""
-    kernel = kernel or build_kernel()
-    config = launch_config(q, k_pool, block_tables, partition_size)
-    inputs = [q, k_pool, v_pool, block_tables, context_lens, mx.array(scale, dtype=mx.float32)]
-    return tuple(kernel(inputs=inputs, verbose=verbose, **config))
+    config = launch_config(q, k_pool, block_tables, partitions)
+    blocks_per_part = config.pop("blocks_per_part")
+    inputs = [q, k_pool, v_pool, block_tables, context_lens, mx.array(scale, dtype=mx.float32),
+              mx.array(blocks_per_part, dtype=mx.int32)]
+    return tuple((kernel or build_kernel())(inputs=inputs, verbose=verbose, **config))
 
 
-def merge_partitions(o_part: mx.array, ml_part: mx.array) -> mx.array:
-    """Pass 2: merge partial softmaxes exactly (see the ``.metal`` header for the math)."""
-    if o_part.shape[2] == 1:
-        return o_part[:, :, 0]
-    m, l = ml_part[..., 0], ml_part[..., 1]
-    m_all = mx.max(m, axis=-1, keepdims=True)
-    m_all = mx.where(mx.isinf(m_all), 0.0, m_all)  # rows with no token at all
-    w = mx.where(l > 0, l * mx.exp(m - m_all), 0.0)
-    total = w.sum(axis=-1, keepdims=True)
-    out = (o_part * w[..., None]).sum(axis=2)
-    return out / mx.maximum(total, 1e-30)
+def merge_config(o_part: mx.array, dtype: mx.Dtype) -> dict:
+    """One simdgroup per (sequence, query head)."""
+    batch, num_q_heads, _, head_dim = o_part.shape
+    return dict(template=[("T", dtype), ("D", head_dim)], grid=(32, num_q_heads, batch),
+                threadgroup=(32, 1, 1), output_shapes=[(batch, num_q_heads, head_dim)],
+                output_dtypes=[dtype])
+
+
+def merge_partitions(o_part: mx.array, ml_part: mx.array, dtype: mx.Dtype, *, kernel=None,
+                     verbose: bool = False) -> mx.array:
+    """Pass 2: ``[B, Hq, D]`` in ``dtype``, the exact merge (see the ``.metal`` header)."""
+    config = merge_config(o_part, dtype)
+    return (kernel or build_merge_kernel())(inputs=[o_part, ml_part], verbose=verbose, **config)[0]
 
 
 def paged_attention_kernel(q, k_pool, v_pool, block_tables, context_lens, scale: float):
     """Both passes; same contract as ``paged_attention_reference``."""
     o_part, ml_part = paged_attention_partials(q, k_pool, v_pool, block_tables, context_lens, scale)
-    return merge_partitions(o_part, ml_part).astype(q.dtype)
+    return merge_partitions(o_part, ml_part, q.dtype)

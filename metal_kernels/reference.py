@@ -48,3 +48,16 @@ def paged_attention_reference(
     out = out.transpose(1, 0, 2, 3).reshape(q.shape)
     # An all-masked row softmaxes to NaN; padding rows must stay harmless.
     return mx.where((context_lens > 0)[:, None, None], out, 0.0).astype(q.dtype)
+
+
+def merge_partitions_reference(o_part: mx.array, ml_part: mx.array) -> mx.array:
+    """Pass 2's contract in MLX ops: partial softmaxes ``o_part[B, Hq, P, D]`` (each divided by
+    its own sum) with ``ml_part[B, Hq, P, 2]`` = (max score m, sum l) merge exactly into
+    ``[B, Hq, D]`` float32: ``M = max_p m_p``, ``w_p = l_p exp(m_p - M)``,
+    ``out = sum_p w_p o_p / sum_p w_p``; a row without tokens (every ``l_p`` 0) is zeros."""
+    m, l = ml_part[..., 0], ml_part[..., 1]
+    m_all = mx.max(m, axis=-1, keepdims=True)
+    m_all = mx.where(mx.isinf(m_all), 0.0, m_all)  # rows with no token at all
+    w = mx.where(l > 0, l * mx.exp(m - m_all), 0.0)
+    total = w.sum(axis=-1, keepdims=True)
+    return (o_part * w[..., None]).sum(axis=2) / mx.maximum(total, 1e-30)

@@ -21,6 +21,7 @@ import mlx.nn as nn
 import numpy as np
 
 from metal_kernels import metal_available
+from metal_kernels import prepare as prepare_paged_attention
 from pico_vllm.config import CPU_KV_CACHE_BYTES, EngineConfig
 from pico_vllm.engine.decode_graphs import DecodeGraphs
 from pico_vllm.engine.scheduler import SchedulerOutput
@@ -109,6 +110,8 @@ class ModelRunner:
         self.num_blocks = resolve_num_blocks(config, model, dtype)
         spec: KVSpec = model.kv_spec
         self.cache = KVCache(spec, self.num_blocks, config.block_size, dtype)
+        # On a Mac: self-check the decode kernel's instance now, before any graph is traced.
+        prepare_paged_attention(dtype, spec.num_q_heads, spec.num_kv_heads, spec.head_dim, config.block_size)
         max_blocks = min(-(-max_model_len // config.block_size), self.num_blocks)
         self.graphs = None
         if not config.enforce_eager:

@@ -57,6 +57,7 @@ class KVSpec(NamedTuple):
     num_layers: int
     num_kv_heads: int
     head_dim: int
+    num_q_heads: int  # not held by the pool, but with it, it names the decode kernel's instance
 
     def bytes_per_block(self, block_size: int, dtype: mx.Dtype) -> int:
         """Bytes one block takes across all layers, keys and values."""

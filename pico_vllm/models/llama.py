@@ -177,6 +177,6 @@ class Model(nn.Module):
     @property
     def kv_spec(self) -> KVSpec:
         """What this model's KV pool must hold: layers, KV heads (this rank's, when sharded),
-        head_dim."""
-        args = self.args
-        return KVSpec(args.num_hidden_layers, self.model.layers[0].self_attn.num_kv_heads, args.head_dim)
+        head_dim, and the query heads beside them."""
+        attn = self.model.layers[0].self_attn
+        return KVSpec(self.args.num_hidden_layers, attn.num_kv_heads, self.args.head_dim, attn.num_heads)

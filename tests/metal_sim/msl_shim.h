@@ -71,8 +71,21 @@ using uchar = uint8_t;
 using uint3 = mslsim::uint3_;
 using half = _Float16;
 using float16_t = _Float16;
-struct bfloat16_t {  // storage-only bf16: the upper half of a float32
+// bf16 as Metal's bfloat behaves: the upper half of a float32; a float becomes bf16 by rounding
+// to nearest, ties to even (NaN stays NaN), and arithmetic on bf16 values rounds its result to
+// bf16 again, so a kernel that computed in bf16 where it should not is caught by the tolerance.
+struct bfloat16_t {
   uint16_t bits;
+  bfloat16_t() = default;
+  bfloat16_t(float f) {
+    uint32_t u;
+    __builtin_memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) {
+      bits = uint16_t((u >> 16) | 0x40u);  // a quiet NaN
+    } else {
+      bits = uint16_t((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+    }
+  }
   operator float() const {
     uint32_t u = uint32_t(bits) << 16;
     float f;
@@ -80,6 +93,19 @@ struct bfloat16_t {  // storage-only bf16: the upper half of a float32
     return f;
   }
 };
+inline bfloat16_t operator+(bfloat16_t a, bfloat16_t b) { return bfloat16_t(float(a) + float(b)); }
+inline bfloat16_t operator-(bfloat16_t a, bfloat16_t b) { return bfloat16_t(float(a) - float(b)); }
+inline bfloat16_t operator*(bfloat16_t a, bfloat16_t b) { return bfloat16_t(float(a) * float(b)); }
+inline bfloat16_t operator/(bfloat16_t a, bfloat16_t b) { return bfloat16_t(float(a) / float(b)); }
+// Mixed with float, bf16 promotes to float (as in Metal): no rounding.
+inline float operator+(bfloat16_t a, float b) { return float(a) + b; }
+inline float operator+(float a, bfloat16_t b) { return a + float(b); }
+inline float operator-(bfloat16_t a, float b) { return float(a) - b; }
+inline float operator-(float a, bfloat16_t b) { return a - float(b); }
+inline float operator*(bfloat16_t a, float b) { return float(a) * b; }
+inline float operator*(float a, bfloat16_t b) { return a * float(b); }
+inline float operator/(bfloat16_t a, float b) { return float(a) / b; }
+inline float operator/(float a, bfloat16_t b) { return a / float(b); }
 namespace metal {
 enum class mem_flags { mem_none = 0, mem_device = 1, mem_threadgroup = 2 };
 using std::clamp;

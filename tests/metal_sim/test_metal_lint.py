@@ -10,13 +10,14 @@ import pytest
 
 from metal_kernels.kernel import (
     HEAD_DIMS,
+    NUM_SIMDGROUPS,
     THREADGROUP_MEMORY_LIMIT,
-    num_simdgroups,
+    heads_per_threadgroup,
     threadgroup_bytes,
 )
 
 METAL_FILES = sorted((Path(__file__).parents[2] / "metal_kernels").glob("*.metal"))
-TEMPLATE_NAMES = {"D", "BS", "G", "NSG", "PART"}
+TEMPLATE_NAMES = {"D", "BS", "GQ", "NSG"}
 GQA_GROUPS = (1, 2, 3, 4, 6, 7, 8, 16)
 
 
@@ -28,6 +29,9 @@ def code_of(path: Path) -> str:
 
 def lint(code: str) -> list[str]:
     problems = []
+    for number, line in enumerate(code.splitlines(), 1):
+        if not line.isascii():
+            problems.append(f"non-ASCII character on line {number} (MLX hands Metal the source as ASCII)")
     if re.search(r"\bdouble\b", code):
         problems.append("double (Metal has no 64-bit float)")
     if "std::" in code:
@@ -50,8 +54,9 @@ def threadgroup_arrays(code: str) -> list[tuple[str, str]]:
 
 @pytest.mark.parametrize("path", METAL_FILES, ids=lambda p: p.name)
 def test_metal_source_passes_lint(path):
-    assert METAL_FILES, "no .metal files found"
+    assert len(METAL_FILES) == 2, "pass 1 and pass 2 should both be linted"
     assert lint(code_of(path)) == []
+    assert path.read_text().isascii(), "comments too: MLX passes the whole source on"
 
 
 @pytest.mark.parametrize(
@@ -61,6 +66,7 @@ def test_metal_source_passes_lint(path):
         ("float y = std::exp(1.0f);", "std::"),
         ("float* p = &x;", "pointer without an address space"),
         ("threadgroup float buf[n * D];", "sized at run time"),
+        ("const float x = 1.0f;  \u2014 em dash", "non-ASCII"),
     ],
 )
 def test_lint_catches_what_metal_rejects(snippet, problem):
@@ -69,15 +75,17 @@ def test_lint_catches_what_metal_rejects(snippet, problem):
 
 @pytest.mark.parametrize("head_dim", HEAD_DIMS)
 @pytest.mark.parametrize("group", GQA_GROUPS)
-def test_threadgroup_memory_fits_every_instance(head_dim, group):
+def test_threadgroup_memory_and_registers_fit_every_instance(head_dim, group):
     """The arrays declared in the source, evaluated for each template instance the launcher
-    picks, stay within 32 KB, and agree with the launcher's own accounting."""
-    nsg = num_simdgroups(group, head_dim)
-    values = {"D": head_dim, "G": group, "NSG": nsg, "BS": 32, "PART": 512}
+    picks, stay within 32 KB and agree with the launcher's own accounting; a lane's q and o
+    registers stay within the cap however many query heads share a KV head."""
+    gq = heads_per_threadgroup(group, head_dim)
+    assert group % gq == 0 and gq * -(-head_dim // 32) <= 32
+    values = {"D": head_dim, "GQ": gq, "NSG": NUM_SIMDGROUPS, "BS": 32}
     sizes = {"float": 4, "half": 2, "int": 4, "uint": 4}
     total = 0
     for path in METAL_FILES:
         for element, expression in threadgroup_arrays(code_of(path)):
             total += sizes[element] * eval(expression, {}, values)  # template arithmetic only
     assert total <= THREADGROUP_MEMORY_LIMIT
-    assert total == threadgroup_bytes(nsg, group, head_dim)
+    assert total == threadgroup_bytes(head_dim)

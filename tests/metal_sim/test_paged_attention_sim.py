@@ -11,25 +11,32 @@ import pytest
 from harness import build, capture_msl, run
 
 from metal_kernels.kernel import (
+    MERGE_SOURCE_PATH,
     build_kernel,
+    build_merge_kernel,
     kernel_source,
     launch_config,
+    merge_config,
     merge_partitions,
+    num_partitions,
     paged_attention_partials,
 )
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ (apt-get install g++)")
 
 NUM_Q_HEADS = 8
-TOLERANCE = {mx.float32: 2e-5, mx.float16: 2e-4}  # outputs are fp32 partials in both cases
+# Partials are fp32 whatever the dtype; the output is rounded once to the dtype (bf16: 2^-8).
+TOLERANCE = {mx.float32: 2e-5, mx.float16: 1e-3, mx.bfloat16: 8e-3}
 INVALID_BLOCK = 1 << 28  # fills block-table padding: any read past a context is out of bounds
+ENV = {"TSAN_OPTIONS": "halt_on_error=1 exitcode=66", "ASAN_OPTIONS": "detect_leaks=0"}
 
 
-def make_case(rng, group, head_dim, block_size, context_lens, dtype, num_kv_heads=None):
-    """Random q/K/V, a pool with shuffled non-contiguous blocks, and padded block tables."""
+def make_case(rng, group, head_dim, block_size, context_lens, dtype, num_kv_heads=None, width=None):
+    """Random q/K/V, a pool with shuffled non-contiguous blocks, and padded block tables
+    (``width`` blocks wide; by default one more than the longest context needs)."""
     num_kv_heads = num_kv_heads or NUM_Q_HEADS // group
-    blocks_per_seq = [-(-c // block_size) for c in context_lens]
-    max_blocks = max(max(blocks_per_seq), 1) + 1  # one more: padding every row carries
+    max_blocks = width or max(-(-c // block_size) for c in context_lens) + 1
+    blocks_per_seq = [min(-(-c // block_size), max_blocks) for c in context_lens]
     num_blocks = sum(blocks_per_seq) + 3
     owner = rng.permutation(num_blocks)
     tables = np.full((len(context_lens), max_blocks), INVALID_BLOCK, np.int32)
@@ -59,7 +66,7 @@ def reference(q, k_pool, v_pool, tables, context_lens, scale):
     group = num_q_heads // num_kv_heads
     out = np.zeros(q.shape)
     for b in range(batch):
-        t = np.arange(context_lens[b])
+        t = np.arange(min(context_lens[b], tables.shape[1] * block_size))  # the kernel clamps too
         if not len(t):
             continue
         slot = (tables[b, t // block_size], t % block_size)
@@ -72,113 +79,187 @@ def reference(q, k_pool, v_pool, tables, context_lens, scale):
     return out
 
 
-def emulate(case, scale, partition_size, source=None, sanitizer=None):
-    """Run the kernel's generated MSL on the CPU; returns (process result, o_part, ml_part)."""
+def numpy_of(a: mx.array) -> np.ndarray:
+    """The array's bytes as numpy holds them (bf16, which numpy lacks, as its uint16 bits)."""
+    return np.array(a.view(mx.uint16)) if a.dtype == mx.bfloat16 else np.array(a)
+
+
+def emulate(case, scale, partitions=None, source=None, merge_source=None, sanitizer=None):
+    """Run both kernels' generated MSL on the CPU; returns (pass-1 result, pass-2 result,
+    o_part, ml_part, out as float32, the pass-1 launch)."""
     q, k_pool, v_pool, tables, context_lens = case
     kernel = build_kernel(source, name="pico_paged_attention_sim") if source else build_kernel()
+    merge = (build_merge_kernel(merge_source, name="pico_paged_attention_merge_sim") if merge_source
+             else build_merge_kernel())
 
-    def call(*args):
-        return paged_attention_partials(
-            *args, scale, partition_size=partition_size, kernel=kernel, verbose=True
-        )
+    def pass1(*args):
+        return paged_attention_partials(*args, scale, partitions=partitions, kernel=kernel, verbose=True)
 
-    program = build(capture_msl(call, *case), sanitizer)
-    config = launch_config(q, k_pool, tables, partition_size)
+    config = launch_config(q, k_pool, tables, partitions)
     inputs = {
-        "q": np.array(q), "k_pool": np.array(k_pool), "v_pool": np.array(v_pool),
+        "q": numpy_of(q), "k_pool": numpy_of(k_pool), "v_pool": numpy_of(v_pool),
         "block_tables": np.array(tables), "context_lens": np.array(context_lens),
         "scale": np.array(scale, np.float32),
+        "blocks_per_part": np.array(config["blocks_per_part"], np.int32),
     }
-    # Poisoned outputs: every element the kernel owes must be overwritten.
-    outputs = {
-        name: np.full(shape, np.nan, np.float32)
-        for name, shape in zip(("o_part", "ml_part"), config["output_shapes"])
-    }
-    env = {"TSAN_OPTIONS": "halt_on_error=1 exitcode=66", "ASAN_OPTIONS": "detect_leaks=0"}
-    result = run(program, inputs, outputs, config["grid"], config["threadgroup"], env)
-    return result, outputs["o_part"], outputs["ml_part"]
+    # Poisoned outputs: every element a kernel owes must be overwritten.
+    partials = {name: np.full(shape, np.nan, np.float32)
+                for name, shape in zip(("o_part", "ml_part"), config["output_shapes"])}
+    first = run(build(capture_msl(pass1, *case), sanitizer), inputs, partials, config["grid"],
+                config["threadgroup"], ENV)
+    o_part, ml_part = mx.array(partials["o_part"]), mx.array(partials["ml_part"])
+
+    def pass2(o, ml):
+        return merge_partitions(o, ml, q.dtype, kernel=merge, verbose=True)
+
+    merged = merge_config(o_part, q.dtype)
+    poison = numpy_of(mx.full(merged["output_shapes"][0], mx.nan, dtype=q.dtype))
+    out = {"out": poison}
+    second = run(build(capture_msl(pass2, o_part, ml_part), sanitizer),
+                 {"o_part": partials["o_part"], "ml_part": partials["ml_part"]}, out,
+                 merged["grid"], merged["threadgroup"], ENV)
+    result = mx.array(out["out"])
+    result = result.view(mx.bfloat16) if q.dtype == mx.bfloat16 else result
+    return first, second, partials["o_part"], partials["ml_part"], np.array(result.astype(mx.float32)), config
 
 
-def check(case, dtype, partition_size, **kw):
+def check(case, dtype, partitions=None, **kw):
     scale = case[0].shape[-1] ** -0.5
-    result, o_part, ml_part = emulate(case, scale, partition_size, **kw)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert not np.isnan(o_part).any(), "the kernel left output elements unwritten"
+    first, second, o_part, ml_part, out, config = emulate(case, scale, partitions, **kw)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert not np.isnan(o_part).any(), "pass 1 left output elements unwritten"
     assert not np.isnan(ml_part[..., 1]).any()
-    out = np.array(merge_partitions(mx.array(o_part), mx.array(ml_part)))
+    assert not np.isnan(out).any(), "pass 2 left output elements unwritten (or wrote NaN)"
     expected = reference(*case, scale)
     np.testing.assert_allclose(out, expected, atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
+    return config
 
 
-def contexts_for(block_size: int, partition_size: int) -> list[int]:
-    """Edges: 1 token, around a block, around partition boundaries, several partitions, and an
-    empty (padding) row."""
-    p = partition_size
-    return [1, block_size - 1, block_size, block_size + 1, p - 1, p, p + 1, 3 * p + 5, 0]
+WIDTH = 26  # blocks per table in the matrix: 4 partitions of 7 blocks (the last one 5)
+
+
+def contexts_for(block_size: int, partitions: int = 4, width: int = WIDTH) -> list[int]:
+    """Edges: 1 token, around a block, around the first partition boundary, several
+    partitions, a full table, one longer than its table (clamped), and an empty (padding) row."""
+    p = -(-width // partitions) * block_size  # tokens per partition
+    full = width * block_size
+    return [1, block_size - 1, block_size, block_size + 1, p - 1, p, p + 1, min(3 * p + 5, full - 3),
+            full, full + 40, 0]
+
+
+def check_matrix_case(seed, group, head_dim, block_size, dtype, num_kv_heads=None):
+    rng = np.random.default_rng(seed)
+    case = make_case(rng, group, head_dim, block_size, contexts_for(block_size), dtype, num_kv_heads,
+                     width=WIDTH)
+    config = check(case, dtype, partitions=4)
+    assert config["grid"][0] == 4 * 4 * 32 and config["blocks_per_part"] == 7
 
 
 @pytest.mark.parametrize("block_size", [8, 16, 32])
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("group", [1, 2, 4, 8])
 def test_fp32_matrix(group, head_dim, block_size):
-    rng = np.random.default_rng([group, head_dim, block_size])
-    case = make_case(rng, group, head_dim, block_size, contexts_for(block_size, 64), mx.float32)
-    check(case, mx.float32, partition_size=64)
+    check_matrix_case([group, head_dim, block_size], group, head_dim, block_size, mx.float32)
 
 
+@pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("group", [1, 2, 4, 8])
-def test_fp16_matrix(group, head_dim):
-    rng = np.random.default_rng([group, head_dim, 16, 1])
-    case = make_case(rng, group, head_dim, 16, contexts_for(16, 64), mx.float16)
-    check(case, mx.float16, partition_size=64)
+def test_half_precision_matrix(group, head_dim, dtype):
+    check_matrix_case([group, head_dim, 16, 1], group, head_dim, 16, dtype)
 
 
 @pytest.mark.parametrize("head_dim", [80, 96, 256])
 def test_other_head_dims(head_dim):
-    rng = np.random.default_rng([head_dim])
-    case = make_case(rng, 4, head_dim, 16, contexts_for(16, 64), mx.float32)
-    check(case, mx.float32, partition_size=64)
+    check_matrix_case([head_dim], 4, head_dim, 16, mx.float32)
 
 
-@pytest.mark.parametrize("group,num_kv_heads", [(3, 3), (7, 2), (6, 2)])
+@pytest.mark.parametrize("group,num_kv_heads", [(3, 3), (7, 2), (6, 2), (16, 1)])
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_uneven_gqa_groups_of_real_models(group, num_kv_heads, head_dim):
-    """SmolLM2 (9 q / 3 kv heads), Qwen2.5-0.5B (14 / 2), Qwen2.5-1.5B (12 / 2)."""
-    rng = np.random.default_rng([group, num_kv_heads, head_dim])
-    case = make_case(rng, group, head_dim, 16, contexts_for(16, 64), mx.float32, num_kv_heads)
-    check(case, mx.float32, partition_size=64)
+    """SmolLM2 (9 q / 3 kv heads), Qwen2.5-0.5B (14 / 2), Qwen2.5-1.5B (12 / 2), and 16 query
+    heads on one KV head (at head_dim 128 past the register cap: two threadgroups share it)."""
+    check_matrix_case([group, num_kv_heads, head_dim], group, head_dim, 16, mx.float32, num_kv_heads)
+
+
+@pytest.mark.parametrize("partitions", [1, 2, 3, 7, 64])
+def test_every_partition_count_from_1_to_64(partitions):
+    """Block-aligned partitions of a 64-block table: 1 (no split), uneven splits, one block each."""
+    rng = np.random.default_rng([partitions])
+    contexts = [1, 300, 64 * 16, 64 * 16 - 5, 0]
+    case = make_case(rng, 2, 64, 16, contexts, mx.float32, num_kv_heads=1, width=64)
+    config = check(case, mx.float32, partitions=partitions)
+    assert config["output_shapes"][0][2] == partitions
+
+
+@pytest.mark.parametrize("batch", [1, 9])
+def test_the_run_time_partition_count_fills_the_gpu_and_stays_exact(batch):
+    """SmolLM2's shape (9 query heads on 3 KV heads): at batch 1 a 32-block table splits into 8
+    partitions (one block run per simdgroup of 4 blocks), 24 threadgroups rather than 3."""
+    rng = np.random.default_rng([batch, 3])
+    contexts = [(37 * i) % 500 + 1 for i in range(batch)]
+    contexts[-1] = 0 if batch > 1 else contexts[-1]
+    case = make_case(rng, 3, 64, 16, contexts, mx.float32, num_kv_heads=3, width=32)
+    config = check(case, mx.float32)
+    assert config["output_shapes"][0][2] == 8 and config["grid"][1:] == (3, batch)
+
+
+@pytest.mark.parametrize("batch,threadgroups,width,expected", [
+    (1, 3, 32, 8), (9, 3, 32, 8), (40, 3, 32, 5), (200, 3, 32, 1),  # SmolLM2, context <= 512
+    (1, 8, 64, 16), (32, 8, 64, 2), (1, 8, 256, 64), (1, 8, 1024, 64),  # Llama-3.2-1B, 1k to 16k
+    (1, 1, 2, 1),  # two blocks: one simdgroup's worth
+])
+def test_num_partitions(batch, threadgroups, width, expected):
+    assert num_partitions(batch, threadgroups, width) == expected
 
 
 @pytest.mark.parametrize("group", [1, 8])
-def test_long_context_with_the_default_partition_size(group):
+def test_long_context(group):
     rng = np.random.default_rng([group, 2048])
     case = make_case(rng, group, 128, 16, [2100, 513, 7], mx.float32)
-    check(case, mx.float32, partition_size=512)
+    check(case, mx.float32)
 
 
-def _mutated(old: str, new: str) -> str:
-    source = kernel_source()
+def _mutated(old: str, new: str, path=None) -> str:
+    source = kernel_source(path) if path else kernel_source()
     assert old in source, f"the mutation target {old!r} is gone from the kernel"
     return source.replace(old, new)
 
 
 def test_mutation_removed_barrier_is_caught():
-    """Without the barrier, simdgroup 0 merges before the others have written: TSan reports the
+    """Without the barriers, simdgroup 0 merges before the others have written: TSan reports the
     race (and the values may be wrong too)."""
     source = _mutated("metal::threadgroup_barrier(metal::mem_flags::mem_threadgroup);", "")
     rng = np.random.default_rng(1)
     case = make_case(rng, 2, 64, 16, [40, 200, 3], mx.float32)
     with pytest.raises(AssertionError):
-        check(case, mx.float32, partition_size=64, source=source, sanitizer="thread")
+        check(case, mx.float32, partitions=1, source=source, sanitizer="thread")
 
 
 def test_mutation_block_index_off_by_one_is_caught():
-    source = _mutated("block_tables[b * max_blocks + t / BS]", "block_tables[b * max_blocks + t / BS + 1]")
+    source = _mutated("table[blk]", "table[blk + 1]")
     rng = np.random.default_rng(2)
     case = make_case(rng, 2, 64, 16, [40, 200, 3], mx.float32)
     with pytest.raises(AssertionError):
-        check(case, mx.float32, partition_size=64, source=source, sanitizer="address")
+        check(case, mx.float32, source=source, sanitizer="address")
+
+
+def test_mutation_wrong_partition_boundary_is_caught():
+    """Each partition one block short: the last block of every partition is never read."""
+    source = _mutated("part_begin + blocks_per_part", "part_begin + blocks_per_part - 1")
+    rng = np.random.default_rng(3)
+    case = make_case(rng, 2, 64, 16, [300, 200, 3], mx.float32, width=24)
+    with pytest.raises(AssertionError):
+        check(case, mx.float32, partitions=4, source=source)
+
+
+def test_mutation_merge_ignoring_a_partition_weight_is_caught():
+    source = _mutated("total += w;", "total += l;", MERGE_SOURCE_PATH)
+    rng = np.random.default_rng(4)
+    case = make_case(rng, 2, 64, 16, [300, 200, 3], mx.float32, width=24)
+    with pytest.raises(AssertionError):
+        check(case, mx.float32, partitions=4, merge_source=source)
 
 
 @pytest.mark.sanitizer
@@ -187,5 +268,5 @@ def test_mutation_block_index_off_by_one_is_caught():
 @pytest.mark.parametrize("group,head_dim,block_size", [(1, 64, 8), (4, 128, 16), (8, 64, 32)])
 def test_sanitizers_are_clean(sanitizer, group, head_dim, block_size):
     rng = np.random.default_rng([group, head_dim, block_size, 7])
-    case = make_case(rng, group, head_dim, block_size, [1, block_size + 1, 70, 0], mx.float32)
-    check(case, mx.float32, partition_size=64, sanitizer=sanitizer)
+    case = make_case(rng, group, head_dim, block_size, [1, block_size + 1, 70, 0, 300], mx.float32)
+    check(case, mx.float32, sanitizer=sanitizer)

@@ -6,7 +6,8 @@
 // heads per threadgroup) and NSG (simdgroups per threadgroup). Batch, blocks, context lengths,
 // scale and the partition size are run-time values: one compiled kernel serves every step.
 //
-// Memory layout (row-contiguous: MLX copies an input that is not)
+// Memory layout (inputs are read through their strides, in elements, so MLX copies none: q is a
+// slice of the step's rotated q|k rows, not row-contiguous)
 //   q             [B, Hq, D]               Hq = Hkv * G (GQA: query heads h*G .. h*G+G-1 share KV head h)
 //   k_pool/v_pool [Hkv, num_blocks, BS, D] token t of sequence b lives in block
 //                                          block_tables[b, t / BS] at offset t % BS
@@ -49,10 +50,9 @@ const int group = num_q_heads / num_kv_heads;
 const int chunks = group / GQ;  // threadgroups per KV head
 const int kv_head = threadgroup_position_in_grid.y / chunks;
 const int q_head0 = kv_head * group + (threadgroup_position_in_grid.y % chunks) * GQ;
-const int num_blocks = k_pool_shape[1];
 const int max_blocks = block_tables_shape[1];
 // A context longer than its table (a caller's mistake) reads only the table's blocks.
-const int context_len = metal::clamp(context_lens[b], 0, max_blocks * BS);
+const int context_len = metal::clamp(context_lens[b * context_lens_strides[0]], 0, max_blocks * BS);
 const int used_blocks = (context_len + BS - 1) / BS;
 const int part_begin = metal::min(part * blocks_per_part, used_blocks);
 const int part_end = metal::min(part_begin + blocks_per_part, used_blocks);
@@ -67,29 +67,36 @@ float q_reg[GQ][EPT];
 float o_reg[GQ][EPT];
 float m_reg[GQ];
 float l_reg[GQ];
+const int64_t q_d = q_strides[2];
 for (int g = 0; g < GQ; g++) {
-  const device T* q_row = q + ((size_t)b * num_q_heads + q_head0 + g) * D + d0;
+  const device T* q_row = q + b * q_strides[0] + (q_head0 + g) * q_strides[1] + d0 * q_d;
   for (int i = 0; i < EPT; i++) {
-    q_reg[g][i] = (FULL_LANES || i < n_mine) ? float(q_row[i]) * scale : 0.0f;
+    q_reg[g][i] = (FULL_LANES || i < n_mine) ? float(q_row[i * q_d]) * scale : 0.0f;
     o_reg[g][i] = 0.0f;
   }
   m_reg[g] = -INFINITY;
   l_reg[g] = 0.0f;
 }
 
-const size_t head_base = (size_t)kv_head * num_blocks * BS * D + d0;
-const device int* table = block_tables + (size_t)b * max_blocks;
+// Per-head base pointers, computed once. Strides count elements: for the pool the engine
+// allocates, a token is D apart and an element 1.
+const device T* k_head = k_pool + kv_head * k_pool_strides[0] + d0 * k_pool_strides[3];
+const device T* v_head = v_pool + kv_head * v_pool_strides[0] + d0 * v_pool_strides[3];
+const int64_t k_t = k_pool_strides[2], k_d = k_pool_strides[3];
+const int64_t v_t = v_pool_strides[2], v_d = v_pool_strides[3];
+const device int* table = block_tables + b * block_tables_strides[0];
+const int64_t table_step = block_tables_strides[1];
 for (int blk = my_begin; blk < my_end; blk++) {
-  const size_t block_base = head_base + (size_t)table[blk] * BS * D;  // one table read per block
-  const device T* k_block = k_pool + block_base;
-  const device T* v_block = v_pool + block_base;
+  const int64_t block = table[blk * table_step];  // one table read per block
+  const device T* k_block = k_head + block * k_pool_strides[1];
+  const device T* v_block = v_head + block * v_pool_strides[1];
   const int tokens = metal::min(BS, context_len - blk * BS);
   for (int j = 0; j < tokens; j++) {
     float k_reg[EPT];
     float v_reg[EPT];
     for (int i = 0; i < EPT; i++) {
-      k_reg[i] = (FULL_LANES || i < n_mine) ? float(k_block[j * D + i]) : 0.0f;
-      v_reg[i] = (FULL_LANES || i < n_mine) ? float(v_block[j * D + i]) : 0.0f;
+      k_reg[i] = (FULL_LANES || i < n_mine) ? float(k_block[j * k_t + i * k_d]) : 0.0f;
+      v_reg[i] = (FULL_LANES || i < n_mine) ? float(v_block[j * v_t + i * v_d]) : 0.0f;
     }
     for (int g = 0; g < GQ; g++) {
       float score = 0.0f;

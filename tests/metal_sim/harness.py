@@ -170,10 +170,21 @@ def run(
     return result
 
 
+def _storage(a: np.ndarray) -> np.ndarray:
+    """The memory MLX would hand the kernel: the array itself, or for a view (read through its
+    ``_strides``) the contiguous array it views, which must start where the view does."""
+    if a.flags.c_contiguous:
+        return a
+    base = a.base
+    assert base is not None and base.flags.c_contiguous, "a view of a contiguous array, please"
+    assert a.__array_interface__["data"][0] == base.__array_interface__["data"][0], "view at offset 0"
+    return base
+
+
 def _buffer(name: str, inputs: dict[str, np.ndarray], outputs: dict[str, np.ndarray]) -> np.ndarray:
     """The array behind a buffer parameter, MLX's generated ``<input>_shape`` etc. included."""
     if name in inputs:
-        return np.ascontiguousarray(inputs[name])
+        return _storage(inputs[name])
     if name in outputs:
         return outputs[name]
     for suffix, make in (

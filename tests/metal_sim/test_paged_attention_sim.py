@@ -84,7 +84,7 @@ def numpy_of(a: mx.array) -> np.ndarray:
     return np.array(a.view(mx.uint16)) if a.dtype == mx.bfloat16 else np.array(a)
 
 
-def emulate(case, scale, partitions=None, source=None, merge_source=None, sanitizer=None):
+def emulate(case, scale, partitions=None, source=None, merge_source=None, sanitizer=None, views=None):
     """Run both kernels' generated MSL on the CPU; returns (pass-1 result, pass-2 result,
     o_part, ml_part, out as float32, the pass-1 launch)."""
     q, k_pool, v_pool, tables, context_lens = case
@@ -101,7 +101,7 @@ def emulate(case, scale, partitions=None, source=None, merge_source=None, saniti
         "block_tables": np.array(tables), "context_lens": np.array(context_lens),
         "scale": np.array(scale, np.float32),
         "blocks_per_part": np.array(config["blocks_per_part"], np.int32),
-    }
+    } | (views or {})  # numpy views stand for inputs MLX passes uncopied, with their strides
     # Poisoned outputs: every element a kernel owes must be overwritten.
     partials = {name: np.full(shape, np.nan, np.float32)
                 for name, shape in zip(("o_part", "ml_part"), config["output_shapes"])}
@@ -214,6 +214,18 @@ def test_num_partitions(batch, threadgroups, width, expected):
     assert num_partitions(batch, threadgroups, width) == expected
 
 
+def test_q_is_read_through_its_strides_uncopied():
+    """The model hands the kernel q as a slice of its rotated q|k rows ([T, Hq + Hkv, D] ->
+    [:, :Hq]): not row-contiguous. The kernel reads it in place through q_strides."""
+    rng = np.random.default_rng(5)
+    q, k_pool, v_pool, tables, lengths = make_case(rng, 2, 64, 16, [40, 200, 3, 0], mx.float32)
+    rows = np.concatenate([np.array(q), rng.standard_normal((4, 4, 64)).astype(np.float32)], axis=1)
+    view = rows[:, :8]  # what q[:, :Hq] is: rows 8 + 4 heads apart
+    assert not view.flags.c_contiguous
+    case = (mx.array(rows)[:, :8], k_pool, v_pool, tables, lengths)
+    check(case, mx.float32, views={"q": view})
+
+
 @pytest.mark.parametrize("group", [1, 8])
 def test_long_context(group):
     rng = np.random.default_rng([group, 2048])
@@ -238,7 +250,7 @@ def test_mutation_removed_barrier_is_caught():
 
 
 def test_mutation_block_index_off_by_one_is_caught():
-    source = _mutated("table[blk]", "table[blk + 1]")
+    source = _mutated("table[blk * table_step]", "table[(blk + 1) * table_step]")
     rng = np.random.default_rng(2)
     case = make_case(rng, 2, 64, 16, [40, 200, 3], mx.float32)
     with pytest.raises(AssertionError):

@@ -62,3 +62,37 @@ def test_unsupported_architecture_lists_the_supported_ones(tmp_path):
     with pytest.raises(ValueError, match="unsupported architecture 'mamba'; supported: llama, "
                                          "mistral, qwen2, qwen3"):
         get_model_classes({"model_type": "mamba"})
+
+
+@pytest.mark.parametrize("extra,window", [
+    ({"sliding_window": 64}, 64),  # Mistral 7B v0.1 style: the window is on
+    ({"sliding_window": None}, None),
+    ({"layer_types": ["sliding_attention", "full_attention"], "sliding_window": 64}, 64),
+    ({"layer_types": ["full_attention", "full_attention"], "sliding_window": 64}, None),
+])
+def test_a_binding_sliding_window_is_an_error_not_full_attention(tmp_path, extra, window):
+    """Our files attend over the whole context: a checkpoint whose window could bind is refused
+    (naming the window and the max_model_len that serves it exactly), never approximated."""
+    import json
+
+    from pico_vllm import LLM
+
+    path = make_random_model(tmp_path / "windowed", "llama", head_dim=32)
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps(config | extra))
+    if window is None:
+        assert LLM(str(path), num_blocks=16).engine.config.max_model_len == 1024
+        return
+    with pytest.raises(ValueError, match=f"sliding window of {window} tokens.*--max-model-len {window}"):
+        LLM(str(path), num_blocks=16)
+    assert LLM(str(path), num_blocks=16, max_model_len=window).engine.config.max_model_len == window
+
+
+@pytest.mark.parametrize("model_type", ["qwen2", "qwen3"])
+def test_qwen_windows_count_only_when_use_sliding_window_is_on(model_type):
+    from pico_vllm.models import sliding_window
+
+    # Qwen2.5 configs ship sliding_window 32768 with use_sliding_window false.
+    config = {"model_type": model_type, "sliding_window": 32768, "use_sliding_window": False}
+    assert sliding_window(config) is None
+    assert sliding_window(config | {"use_sliding_window": True}) == 32768

@@ -19,6 +19,7 @@ from pico_vllm.engine.scheduler import Scheduler
 from pico_vllm.engine.sequence import Sequence
 from pico_vllm.layers.sampler import Sampler
 from pico_vllm.loader import LoadedModel, load
+from pico_vllm.models import sliding_window
 from pico_vllm.outputs import RequestOutput
 from pico_vllm.sampling_params import SamplingParams
 
@@ -61,6 +62,14 @@ class LLMEngine:
             raise ValueError(f"max_model_len {config.max_model_len} exceeds the model's limit of "
                              f"{loaded.max_model_len} tokens (max_position_embeddings)")
         max_model_len = config.max_model_len or loaded.max_model_len
+        window = sliding_window(loaded.config)
+        if window is not None and max_model_len > window:
+            # Up to the window, full attention is the windowed attention exactly; past it, not.
+            raise ValueError(
+                f"this checkpoint attends over a sliding window of {window} tokens, which pico-vllm "
+                f"does not implement yet; with max_model_len <= {window} (--max-model-len {window}) "
+                f"it is served exactly"
+            )
         self.group = None  # the tensor-parallel group, when the model is split over ranks
         self._check_samples = False  # compare every step's samples across ranks (debug mode)
         if config.tensor_parallel_size > 1:

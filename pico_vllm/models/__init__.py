@@ -27,6 +27,22 @@ def resolve_dtype(dtype: str, checkpoint_dtype: mx.Dtype) -> mx.Dtype:
     return checkpoint_dtype if metal_available() else mx.float32
 
 
+def sliding_window(config: dict) -> int | None:
+    """The sliding window a checkpoint's attention uses, or None for full attention everywhere.
+    Our model files implement full attention only; the engine refuses a window that could bind
+    (see ``LLMEngine``) rather than silently attending further back than the model was trained to.
+    Qwen2/Qwen3 configs carry a ``sliding_window`` that only ``use_sliding_window`` switches on;
+    ``layer_types`` names the sliding layers where a config lists them."""
+    window = config.get("sliding_window")
+    if window is None:
+        return None
+    if "layer_types" in config:
+        return window if any("sliding" in str(kind) for kind in config["layer_types"]) else None
+    if config.get("model_type") in ("qwen2", "qwen3"):
+        return window if config.get("use_sliding_window") else None
+    return window
+
+
 def get_model_classes(config: dict) -> tuple[type[nn.Module], type]:
     """``(Model, ModelArgs)`` for ``config["model_type"]``; ValueError if unsupported."""
     model_type = config.get("model_type")

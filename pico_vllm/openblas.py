@@ -1,10 +1,10 @@
 """Linux: MLX's CPU matmuls on Debian's OpenBLAS, for every way pico-vllm is used.
 
 The ``mlx[cpu]`` wheel links a reference BLAS: a 1024x1024 fp32 GEMM runs at ~4 GFLOP/s on the
-2-core CI box, against 150-170 with Debian's OpenBLAS (``apt-get install libopenblas0-pthread``). MLX resolves
-its BLAS symbols when ``mlx.core`` is loaded, looking in the process's global scope first, so
-loading OpenBLAS into that scope (``RTLD_GLOBAL``) *before* MLX is imported has the same effect
-as ``LD_PRELOAD`` (measured: bitwise the same GEMM results, the same speed). ``pico_vllm`` does
+2-core CI box, against 150-170 with Debian's OpenBLAS (``apt-get install libopenblas0-pthread``).
+MLX resolves its BLAS symbols when ``mlx.core`` is loaded, looking in the process's global scope
+first, so loading OpenBLAS into that scope (``RTLD_GLOBAL``) *before* MLX is imported has the same
+effect as ``LD_PRELOAD`` (measured: bitwise the same GEMM results, the same speed). ``pico_vllm`` does
 this as its very first import; when MLX was imported earlier it is too late, and a warning names
 the fix. Standard library only: the CLI imports this without MLX.
 """

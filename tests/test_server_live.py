@@ -39,7 +39,7 @@ def running_server(model: str, *flags: str, launcher: tuple[str, ...] = (),
         [*launcher, sys.executable, "-m", "pico_vllm.cli", "serve", "--model", model, "--port", str(port),
          *flags],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-        env={**os.environ, "PICO_VLLM_NO_OPENBLAS": "1", **(env or {})},
+        env={**os.environ, **(env or {})},
     )
     base = f"http://127.0.0.1:{port}"
     try:

@@ -47,15 +47,20 @@ def paged_attention(
     block_tables: mx.array,
     context_lens: mx.array,
     scale: float,
+    *,
+    window: int | None = None,
+    sinks: mx.array | None = None,
+    softcap: float | None = None,
 ) -> mx.array:
     """Decode attention over the paged pool: the Metal kernels where they run, else the reference.
 
-    Same contract as :func:`paged_attention_reference`.
+    Same contract as :func:`paged_attention_reference`, variants included.
     """
-    out = paged_attention_metal(q, k_pool, v_pool, block_tables, context_lens, scale)
+    variants = dict(window=window, sinks=sinks, softcap=softcap)
+    out = paged_attention_metal(q, k_pool, v_pool, block_tables, context_lens, scale, **variants)
     if out is not None:
         return out
-    return paged_attention_reference(q, k_pool, v_pool, block_tables, context_lens, scale)
+    return paged_attention_reference(q, k_pool, v_pool, block_tables, context_lens, scale, **variants)
 
 
 def paged_attention_metal(
@@ -65,11 +70,17 @@ def paged_attention_metal(
     block_tables: mx.array,
     context_lens: mx.array,
     scale: float,
+    *,
+    window: int | None = None,
+    sinks: mx.array | None = None,
+    softcap: float | None = None,
 ) -> mx.array | None:
     """The kernels' ``[B, Hq, D]`` output, or ``None`` when the caller must use the reference."""
     if not metal_available():
         return None
     reason = unsupported_reason(q, k_pool, v_pool, block_tables, context_lens)
+    if reason is None and any(v is not None for v in (window, sinks, softcap)):
+        reason = "attention variants (window, sinks, softcap) are not in the kernel yet"
     if reason is not None:
         if reason not in _reported:
             _reported.add(reason)

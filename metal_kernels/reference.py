@@ -26,11 +26,18 @@ def paged_attention_reference(
     block_tables: mx.array,
     context_lens: mx.array,
     scale: float,
+    *,
+    window: int | None = None,
+    sinks: mx.array | None = None,
+    softcap: float | None = None,
 ) -> mx.array:
     """Attention of ``q[B, Hq, D]`` over each sequence's paged context; returns ``[B, Hq, D]``.
 
     ``k_pool``/``v_pool`` are ``[Hkv, num_blocks, block_size, D]``; ``Hq`` is a multiple of
-    ``Hkv`` (GQA). Rows with ``context_lens == 0`` (padding) return zeros.
+    ``Hkv`` (GQA). Rows with ``context_lens == 0`` (padding) return zeros. The query is its
+    sequence's last token (position ``context_len - 1``); the variants (see
+    :func:`softmax_attention`): ``window`` keeps only the last ``window`` keys, ``sinks[Hq]``
+    adds one logit per head to the softmax's denominator, ``softcap`` bounds the scores.
     """
     batch, max_blocks = block_tables.shape
     num_kv_heads, _, block_size, head_dim = k_pool.shape
@@ -41,13 +48,51 @@ def paged_attention_reference(
     # [B, Hq, D] -> [Hkv, B, G, D]: the G query heads sharing a KV head are one matmul's rows.
     queries = q.reshape(batch, num_kv_heads, group, head_dim).transpose(1, 0, 2, 3)
     # Slots past a context (block padding, the tail of its last block) are masked out.
-    valid = mx.arange(num_slots)[None, :] < context_lens[:, None]  # [B, N]
-    out = mx.fast.scaled_dot_product_attention(
-        queries, keys, values, scale=scale, mask=valid[None, :, None, :]
-    )  # [Hkv, B, G, D]
+    slots = mx.arange(num_slots)[None, :]
+    valid = slots < context_lens[:, None]  # [B, N]
+    if window is not None:
+        valid = valid & (slots >= context_lens[:, None] - window)
+    if sinks is None and softcap is None:
+        out = mx.fast.scaled_dot_product_attention(
+            queries, keys, values, scale=scale, mask=valid[None, :, None, :]
+        )  # [Hkv, B, G, D]
+    else:
+        sinks = None if sinks is None else sinks.reshape(num_kv_heads, 1, group, 1)
+        out = softmax_attention(queries, keys, values, scale, valid[None, :, None, :],
+                                sinks=sinks, softcap=softcap)
     out = out.transpose(1, 0, 2, 3).reshape(q.shape)
     # An all-masked row softmaxes to NaN; padding rows must stay harmless.
     return mx.where((context_lens > 0)[:, None, None], out, 0.0).astype(q.dtype)
+
+
+def softmax_attention(
+    queries: mx.array,
+    keys: mx.array,
+    values: mx.array,
+    scale: float,
+    valid: mx.array,
+    *,
+    sinks: mx.array | None = None,
+    softcap: float | None = None,
+) -> mx.array:
+    """Attention written out, for the variants ``scaled_dot_product_attention`` has no switch
+    for. ``queries[..., R, D]`` against ``keys``/``values[..., N, D]``; ``valid`` (bool) and
+    ``sinks`` broadcast to the scores ``[..., R, N]`` and ``[..., R, 1]``. The score of a key is
+    ``s = scale * q.k``, with a softcap ``cap * tanh(s / cap)`` (Gemma 2); a sink is one more
+    logit per query head that only adds to the softmax's denominator (gpt-oss). Softmax in fp32.
+    """
+    scores = (queries * scale) @ keys.swapaxes(-1, -2)
+    if softcap is not None:
+        scores = mx.tanh(scores / softcap) * softcap
+    scores = mx.where(valid, scores.astype(mx.float32), -mx.inf)
+    if sinks is not None:
+        sink = mx.broadcast_to(sinks.astype(mx.float32), (*scores.shape[:-1], 1))
+        scores = mx.concatenate([scores, sink], axis=-1)
+    probs = mx.softmax(scores, axis=-1)
+    if sinks is not None:
+        probs = probs[..., :-1]
+    # A row with no valid key (a padding row) softmaxes to NaN: the caller zeroes it.
+    return (probs.astype(values.dtype) @ values).astype(queries.dtype)
 
 
 def merge_partitions_reference(o_part: mx.array, ml_part: mx.array) -> mx.array:

@@ -25,7 +25,7 @@ from pico_vllm.sampling_params import MAX_LOGPROBS, SamplingParams
 # Engine fields the CLI does not expose as flags: --model is its own flag; --seed seeds requests.
 _NOT_FLAGS = {"model", "seed"}
 _CHOICES = {"dtype": ["auto", "float32", "float16", "bfloat16"], "block_size": [8, 16, 32],
-            "capture_graphs": ["lazy", "eager"]}
+            "capture_graphs": ["lazy", "eager"], "model_impl": ["auto", "pico-vllm", "mlx-lm"]}
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):

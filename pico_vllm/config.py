@@ -16,6 +16,10 @@ class EngineConfig:
     Attributes:
         model: Hugging Face id, local HF-format folder, or ``.gguf`` file; ``None`` picks the
             embedded SmolLM2-135M-Instruct.
+        model_impl: ``"auto"`` runs our own model file where there is one for the architecture
+            (Llama, Mistral, Qwen2, Qwen3, without a sliding window) and mlx-lm's model code
+            through the paged adapter for every other; ``"pico-vllm"`` or ``"mlx-lm"`` insists
+            on one of them.
         dtype: ``"auto"`` computes in float32 on the CPU (fp16/bf16 matmuls are ~27x slower
             there) and keeps the checkpoint's dtype on Metal; or one of
             ``"float32" | "float16" | "bfloat16"``.
@@ -39,6 +43,7 @@ class EngineConfig:
     """
 
     model: str | None = None
+    model_impl: str = "auto"
     dtype: str = "auto"
     block_size: int = 16
     num_blocks: int | None = None
@@ -54,6 +59,10 @@ class EngineConfig:
     tensor_parallel_size: int = 1
 
     def __post_init__(self) -> None:
+        if self.model_impl not in ("auto", "pico-vllm", "mlx-lm"):
+            raise ValueError(
+                f"model_impl must be 'auto', 'pico-vllm' or 'mlx-lm', got {self.model_impl!r}"
+            )
         if self.dtype not in ("auto", "float32", "float16", "bfloat16"):
             raise ValueError(
                 f"dtype must be 'auto', 'float32', 'float16' or 'bfloat16', got {self.dtype!r}"

@@ -13,7 +13,7 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.utils import load_tokenizer
 
 from pico_vllm.gguf import embedded_model_path, load_gguf
-from pico_vllm.models import build_model, load_model_dir
+from pico_vllm.models import build_model, checkpoint_dtype, load_model_dir, text_config
 
 DEFAULT_MAX_MODEL_LEN = 4096  # for configs that state no limit
 
@@ -30,12 +30,13 @@ class LoadedModel:
 
 
 
-def load(model: str | None = None, dtype: str = "auto") -> LoadedModel:
-    """Load ``model`` (see the module docstring); ``None`` is the embedded SmolLM2-135M."""
+def load(model: str | None = None, dtype: str = "auto", model_impl: str = "auto") -> LoadedModel:
+    """Load ``model`` (see the module docstring); ``None`` is the embedded SmolLM2-135M.
+    ``model_impl`` picks our own model file or mlx-lm's (see ``models.uses_own_file``)."""
     if model is None or str(model).endswith(".gguf"):
         path = embedded_model_path() if model is None else Path(model).expanduser()
         config, weights, tokenizer = load_gguf(path)
-        net = build_model(config, weights, dtype)
+        net = build_model(config, weights, dtype, model_impl)
         return _loaded(net, tokenizer, config, name=path.name)
     path = Path(model).expanduser()
     if not path.exists():
@@ -50,7 +51,7 @@ def load(model: str | None = None, dtype: str = "auto") -> LoadedModel:
             ) from None
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"no config.json in model folder {path}")
-    net, config = load_model_dir(path, dtype)
+    net, config = load_model_dir(path, dtype, model_impl)
     return _loaded(net, load_tokenizer(path), config, name=str(model), folder=path)
 
 
@@ -61,9 +62,9 @@ def _loaded(
     for source in (config, _generation_config(folder)):
         ids = source.get("eos_token_id")
         eos.update([ids] if isinstance(ids, int) else ids or [])
-    max_len = config.get("max_position_embeddings") or DEFAULT_MAX_MODEL_LEN
-    # prepare_for_device cast every float parameter to the compute dtype; norms are never quantized.
-    dtype = net.model.norm.weight.dtype
+    max_len = text_config(config).get("max_position_embeddings") or DEFAULT_MAX_MODEL_LEN
+    # prepare_for_device cast every float parameter to the compute dtype.
+    dtype = checkpoint_dtype(net)
     return LoadedModel(net, tokenizer, config, eos, int(max_len), name, dtype)
 
 

@@ -6,15 +6,32 @@ given *peaked* logits, so that greedy decoding is decided by clear margins, not 
 
 from __future__ import annotations
 
+import importlib
 import json
 from pathlib import Path
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
-from mlx_lm.models import llama, qwen2, qwen3
 
-ARCHITECTURES = {"llama": llama, "qwen2": qwen2, "qwen3": qwen3}
+OWN_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 EOS_TOKEN_ID = 257  # "</s>" in the tiny tokenizer below
+
+# What each mlx-lm architecture of the acceptance list needs beyond the common tiny fields:
+# every variant the adapter must carry (windows shorter than the test prompts, sinks, MoE,
+# packed q|k|v, norms over whole projections, q/k norms).
+ARCHITECTURE_EXTRAS: dict[str, dict] = {
+    "gemma3_text": {"sliding_window": 24, "sliding_window_pattern": 2, "query_pre_attn_scalar": 48,
+                    "rope_local_base_freq": 10000.0, "tie_word_embeddings": True},
+    "gpt_oss": {"sliding_window": 24, "num_local_experts": 4, "num_experts_per_tok": 2,
+                "layer_types": ["sliding_attention", "full_attention"]},
+    "qwen3_moe": {"num_experts": 4, "num_experts_per_tok": 2, "decoder_sparse_step": 1,
+                  "mlp_only_layers": [], "moe_intermediate_size": 64, "norm_topk_prob": True},
+    "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2},
+    "phi3": {"partial_rotary_factor": 0.5},
+    "olmo2": {},
+    "gemma2": {"sliding_window": 24, "query_pre_attn_scalar": 48, "attn_logit_softcapping": 20.0,
+               "final_logit_softcapping": 30.0, "tie_word_embeddings": True},
+}
 
 
 def make_random_model(
@@ -30,14 +47,14 @@ def make_random_model(
     tie_word_embeddings: bool = False,
     logit_scale: float = 8.0,
     seed: int = 0,
+    **extra,
 ) -> Path:
-    """Save a random ``arch`` model (llama | qwen2 | qwen3) with a byte-level tokenizer under
-    ``directory``; returns ``directory``. Qwen2 derives head_dim from hidden_size, so the hidden
-    size is always ``num_attention_heads * head_dim``."""
+    """Save a random ``arch`` model (any mlx-lm architecture; ``ARCHITECTURE_EXTRAS`` and
+    ``extra`` add its own fields) with a byte-level tokenizer under ``directory``; returns
+    ``directory``. Qwen2 and Phi-3 derive head_dim from hidden_size, so the hidden size is
+    always ``num_attention_heads * head_dim``."""
     config = {
         "model_type": arch,
-        "architectures": [{"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                           "qwen3": "Qwen3ForCausalLM"}[arch]],
         "hidden_size": num_attention_heads * head_dim,
         "num_hidden_layers": num_hidden_layers,
         "intermediate_size": intermediate_size,
@@ -52,17 +69,22 @@ def make_random_model(
         "bos_token_id": 256,
         "eos_token_id": EOS_TOKEN_ID,
         "torch_dtype": "float32",
+        **ARCHITECTURE_EXTRAS.get(arch, {}),
+        **extra,
     }
-    module = ARCHITECTURES[arch]
+    if arch in OWN_ARCHITECTURES:
+        config["architectures"] = [OWN_ARCHITECTURES[arch]]
+    module = importlib.import_module(f"mlx_lm.models.{arch}")
     mx.random.seed(seed)
     model = module.Model(module.ModelArgs.from_dict(config))
     # Peaked logits: scale the output projection so top-1 margins dwarf fp32 rounding.
-    if tie_word_embeddings:
-        model.model.embed_tokens.weight = model.model.embed_tokens.weight * logit_scale
-    else:
-        model.lm_head.weight = model.lm_head.weight * logit_scale
+    params = dict(tree_flatten(model.parameters()))
+    head = [k for k in params if k.endswith("lm_head.weight")] or [
+        k for k in params if k.endswith("embed_tokens.weight")]
+    for name in head:
+        params[name] = params[name] * logit_scale
     directory.mkdir(parents=True, exist_ok=True)
-    mx.save_safetensors(str(directory / "model.safetensors"), dict(tree_flatten(model.parameters())))
+    mx.save_safetensors(str(directory / "model.safetensors"), params)
     (directory / "config.json").write_text(json.dumps(config, indent=2))
     write_tiny_tokenizer(directory, vocab_size)
     return directory

@@ -122,9 +122,14 @@ def test_missing_model_path_and_unsupported_architecture(tmp_path, model_dir):
     odd.mkdir()
     for f in model_dir.iterdir():
         (odd / f.name).write_bytes(f.read_bytes())
-    config = (odd / "config.json").read_text().replace('"llama"', '"gpt_bigcode"')
-    (odd / "config.json").write_text(config)
-    with pytest.raises(ValueError, match="gpt_bigcode.*llama"):
+    config = (odd / "config.json").read_text()
+    (odd / "config.json").write_text(config.replace('"llama"', '"no_such_arch"'))
+    with pytest.raises(ValueError, match="'no_such_arch': pico-vllm has no file for it .*llama.*mlx-lm"):
+        LLM(str(odd))
+    # mlx-lm has the architecture, but this config lacks the fields its arguments class needs.
+    (odd / "config.json").write_text(config.replace('"llama"', '"gpt_bigcode"'))
+    with pytest.raises(ValueError, match="mlx-lm's 'gpt_bigcode' model cannot be built from this "
+                                         "config: .*missing .* required positional arguments"):
         LLM(str(odd))
 
 

@@ -29,11 +29,13 @@ def metadata(positions: list[int], table: list[int], decode: bool) -> AttentionM
     )
 
 
+@pytest.mark.parametrize("impl", ["pico-vllm", "mlx-lm"])
 @pytest.mark.parametrize("arch,head_dim,tied", [("llama", 64, False), ("llama", 32, True),
                                                  ("qwen2", 64, False), ("qwen3", 32, False)])
-def test_prefill_chunks_and_decode_match_mlx_lm_logits(tmp_path, arch, head_dim, tied):
+def test_prefill_chunks_and_decode_match_mlx_lm_logits(tmp_path, arch, head_dim, tied, impl):
+    """Our own files and the mlx-lm adapter, on the same checkpoints: the same logits as mlx-lm."""
     path = make_random_model(tmp_path / arch, arch, head_dim=head_dim, tie_word_embeddings=tied)
-    ours, _ = load_model_dir(path)
+    ours, _ = load_model_dir(path, model_impl=impl)
     theirs, _ = mlx_lm_load(str(path))
     prompt = np.random.default_rng(0).integers(3, 512, size=21).tolist()
     expected = theirs(mx.array(prompt)[None], cache=(cache := make_prompt_cache(theirs)))[0]
@@ -43,49 +45,68 @@ def test_prefill_chunks_and_decode_match_mlx_lm_logits(tmp_path, arch, head_dim,
     got = []
     for start, end in [(0, 13), (13, 20)]:  # a prompt in two chunks...
         span = list(range(start, end))
-        hidden = ours(mx.array(prompt[start:end]), mx.array(span), pool, metadata(span, table, False))
-        got.append(ours.compute_logits(hidden))
-    hidden = ours(mx.array(prompt[20:]), mx.array([20]), pool, metadata([20], table, True))  # ...a decode
-    got.append(ours.compute_logits(hidden))
+        got.append(ours(mx.array(prompt[start:end]), mx.array(span), pool, metadata(span, table, False)))
+    got.append(ours(mx.array(prompt[20:]), mx.array([20]), pool, metadata([20], table, True)))  # ...a decode
     np.testing.assert_allclose(np.array(mx.concatenate(got)), np.array(expected), atol=2e-4, rtol=2e-4)
 
     token = int(mx.argmax(expected[-1]))
     expected_next = theirs(mx.array([[token]]), cache=cache)[0, -1]
-    hidden = ours(mx.array([token]), mx.array([21]), pool, metadata([21], table, True))
-    np.testing.assert_allclose(np.array(ours.compute_logits(hidden)[0]), np.array(expected_next),
-                               atol=2e-4, rtol=2e-4)
+    logits = ours(mx.array([token]), mx.array([21]), pool, metadata([21], table, True))
+    np.testing.assert_allclose(np.array(logits[0]), np.array(expected_next), atol=2e-4, rtol=2e-4)
+    # Only the rows asked for get logits (the rows that sample).
+    span = list(range(21))
+    rows = ours(mx.array(prompt[:21]), mx.array(span), pool, metadata(span, table, False), mx.array([4, 20]))
+    np.testing.assert_allclose(np.array(rows), np.array(expected[mx.array([4, 20])]), atol=2e-4, rtol=2e-4)
 
 
 def test_unsupported_architecture_lists_the_supported_ones(tmp_path):
     from pico_vllm.models import get_model_classes
 
     with pytest.raises(ValueError, match="unsupported architecture 'mamba'; supported: llama, "
-                                         "mistral, qwen2, qwen3"):
+                                         "mistral, qwen2, qwen3, gemma2"):
         get_model_classes({"model_type": "mamba"})
 
 
-@pytest.mark.parametrize("extra,window", [
-    ({"sliding_window": 64}, 64),  # Mistral 7B v0.1 style: the window is on
-    ({"sliding_window": None}, None),
-    ({"layer_types": ["sliding_attention", "full_attention"], "sliding_window": 64}, 64),
-    ({"layer_types": ["full_attention", "full_attention"], "sliding_window": 64}, None),
+@pytest.mark.parametrize("extra,window,served_by", [
+    ({"sliding_window": 64}, 64, None),  # Mistral 7B v0.1 style: the window is on, nobody applies it
+    ({"sliding_window": None}, None, "pico-vllm"),
+    # mlx-lm's Llama applies windows that layer_types name: the adapter serves them.
+    ({"layer_types": ["sliding_attention", "full_attention"], "sliding_window": 64}, 64, "mlx-lm"),
+    ({"layer_types": ["full_attention", "full_attention"], "sliding_window": 64}, None, "pico-vllm"),
 ])
-def test_a_binding_sliding_window_is_an_error_not_full_attention(tmp_path, extra, window):
-    """Our files attend over the whole context: a checkpoint whose window could bind is refused
+def test_a_sliding_window_is_applied_or_refused_never_ignored(tmp_path, extra, window, served_by):
+    """A checkpoint whose window could bind is served by model code that applies it, else refused
     (naming the window and the max_model_len that serves it exactly), never approximated."""
+    import json
+
+    from pico_vllm import LLM
+    from pico_vllm.models.mlx_lm_adapter import MlxLmModel
+
+    path = make_random_model(tmp_path / "windowed", "llama", head_dim=32)
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps(config | extra))
+    if served_by is not None:
+        engine = LLM(str(path), num_blocks=16).engine
+        assert engine.config.max_model_len == 1024
+        assert isinstance(engine.model, MlxLmModel) == (served_by == "mlx-lm")
+        assert engine.model.layer_windows == ((64, None) if served_by == "mlx-lm" else (None, None))
+        return
+    with pytest.raises(ValueError, match=f"sliding window of {window} tokens.*--max-model-len {window}"):
+        LLM(str(path), num_blocks=16)
+    assert LLM(str(path), num_blocks=16, max_model_len=window).engine.config.max_model_len == window
+
+
+def test_our_file_refuses_a_window_it_does_not_apply(tmp_path):
     import json
 
     from pico_vllm import LLM
 
     path = make_random_model(tmp_path / "windowed", "llama", head_dim=32)
     config = json.loads((path / "config.json").read_text())
+    extra = {"layer_types": ["sliding_attention", "full_attention"], "sliding_window": 64}
     (path / "config.json").write_text(json.dumps(config | extra))
-    if window is None:
-        assert LLM(str(path), num_blocks=16).engine.config.max_model_len == 1024
-        return
-    with pytest.raises(ValueError, match=f"sliding window of {window} tokens.*--max-model-len {window}"):
-        LLM(str(path), num_blocks=16)
-    assert LLM(str(path), num_blocks=16, max_model_len=window).engine.config.max_model_len == window
+    with pytest.raises(ValueError, match="sliding window of 64 tokens.*pico_vllm.models.llama"):
+        LLM(str(path), num_blocks=16, model_impl="pico-vllm")
 
 
 @pytest.mark.parametrize("model_type", ["qwen2", "qwen3"])

@@ -19,7 +19,7 @@ from pico_vllm.engine.scheduler import Scheduler
 from pico_vllm.engine.sequence import Sequence
 from pico_vllm.layers.sampler import Sampler
 from pico_vllm.loader import LoadedModel, load
-from pico_vllm.models import sliding_window
+from pico_vllm.models import sliding_window, text_config
 from pico_vllm.outputs import RequestOutput
 from pico_vllm.sampling_params import SamplingParams
 
@@ -54,21 +54,21 @@ class LLMEngine:
     def __init__(self, config: EngineConfig | None = None, loaded: LoadedModel | None = None):
         """Load ``config.model`` (or use an already ``loaded`` one) and size the KV pool."""
         config = config or EngineConfig()
-        loaded = loaded or load(config.model, config.dtype)
+        loaded = loaded or load(config.model, config.dtype, config.model_impl)
         self.model, self.tokenizer = loaded.model, loaded.tokenizer
         self.eos_token_ids = set(loaded.eos_token_ids)
-        self.vocab_size = loaded.config["vocab_size"]
+        self.vocab_size = text_config(loaded.config)["vocab_size"]
         if (config.max_model_len or 0) > loaded.max_model_len:
             raise ValueError(f"max_model_len {config.max_model_len} exceeds the model's limit of "
                              f"{loaded.max_model_len} tokens (max_position_embeddings)")
         max_model_len = config.max_model_len or loaded.max_model_len
-        window = sliding_window(loaded.config)
-        if window is not None and max_model_len > window:
+        window = sliding_window(text_config(loaded.config))
+        if window is not None and window not in self.model.layer_windows and max_model_len > window:
             # Up to the window, full attention is the windowed attention exactly; past it, not.
             raise ValueError(
-                f"this checkpoint attends over a sliding window of {window} tokens, which pico-vllm "
-                f"does not implement yet; with max_model_len <= {window} (--max-model-len {window}) "
-                f"it is served exactly"
+                f"this checkpoint attends over a sliding window of {window} tokens, which its model "
+                f"code here ({type(self.model).__module__}) does not apply; with max_model_len <= "
+                f"{window} (--max-model-len {window}) it is served exactly"
             )
         self.group = None  # the tensor-parallel group, when the model is split over ranks
         self._check_samples = False  # compare every step's samples across ranks (debug mode)

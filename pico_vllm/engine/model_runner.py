@@ -136,10 +136,9 @@ class ModelRunner:
         else:
             input_ids, positions, meta = self.prepare(batch)
             input_ids = self._take_placeholders(input_ids, batch, previous)
-            hidden = self.model(input_ids, positions, self.cache, meta)
             # The LM head only for the rows that sample: mid-prompt chunks need no logits.
-            last_row = (np.cumsum([n for _, n in batch]) - 1)[rows]
-            logits = self.model.compute_logits(hidden[mx.array(last_row)]).astype(mx.float32)
+            last_row = mx.array((np.cumsum([n for _, n in batch]) - 1)[rows])
+            logits = self.model(input_ids, positions, self.cache, meta, last_row).astype(mx.float32)
             argmax = None
         if not rows:
             return PendingStep([], None, self.cache.state)
@@ -196,8 +195,7 @@ class ModelRunner:
     def _decode_step(self, input_ids, positions, slot_blocks, slot_offsets, block_tables, context_lens):
         """One decode token per row -> ``(logits[B, V], argmax[B])``; what the graphs capture."""
         meta = AttentionMetadata(slot_blocks, slot_offsets, block_tables, context_lens)
-        hidden = self.model(input_ids, positions, self.cache, meta)
-        logits = self.model.compute_logits(hidden).astype(mx.float32)
+        logits = self.model(input_ids, positions, self.cache, meta).astype(mx.float32)
         return logits, mx.argmax(logits, axis=-1)
 
     def _decode_arrays(self, batch: list[tuple[Sequence, int]], rows: int, width: int) -> list[mx.array]:

@@ -17,6 +17,7 @@ from typing import NamedTuple
 import mlx.core as mx
 
 from metal_kernels import paged_attention
+from metal_kernels.reference import softmax_attention
 
 
 class PrefillChunk(NamedTuple):
@@ -100,6 +101,22 @@ class KVCache:
         self.state[self.num_layers + layer][index] = v.swapaxes(0, 1)
 
 
+class AttentionVariant(NamedTuple):
+    """How a layer's softmax attention departs from plain causal attention over all earlier
+    tokens. ``FULL`` (all None) is Llama's attention."""
+
+    window: int | None = None  # attend to the last ``window`` tokens only (the query's included)
+    sinks: mx.array | None = None  # [Hq]: one extra logit per head in the denominator (gpt-oss)
+    softcap: float | None = None  # scores become ``softcap * tanh(score / softcap)`` (Gemma 2)
+
+    @property
+    def is_full(self) -> bool:
+        return all(value is None for value in self)
+
+
+FULL = AttentionVariant()
+
+
 def attention(
     q: mx.array,
     k: mx.array,
@@ -108,12 +125,26 @@ def attention(
     layer: int,
     meta: AttentionMetadata,
     scale: float,
+    variant: AttentionVariant = FULL,
 ) -> mx.array:
     """Write the step's ``k``/``v`` (``[T, Hkv, D]``) to the pool, then attend for ``q[T, Hq, D]``.
 
     Returns ``[T, Hq, D]``; ``q``/``k`` must already carry their rotary embedding.
     """
     cache.write(layer, k, v, meta)
+    return attend(q, cache, layer, meta, scale, variant)
+
+
+def attend(
+    q: mx.array,
+    cache: KVCache,
+    layer: int,
+    meta: AttentionMetadata,
+    scale: float,
+    variant: AttentionVariant = FULL,
+) -> mx.array:
+    """Attention of the step's queries ``q[T, Hq, D]`` over the pool (their own K/V already
+    written): decode rows through :func:`metal_kernels.paged_attention`, then each prefill chunk."""
     k_pool, v_pool = cache.keys(layer), cache.values(layer)
     outputs = []
     if meta.num_decode_tokens:
@@ -125,30 +156,60 @@ def attention(
                 meta.block_tables,
                 meta.context_lens,
                 scale,
+                **variant._asdict(),
             )
         )
     for chunk in meta.prefills:
-        outputs.append(_prefill_attention(q, k_pool, v_pool, chunk, scale))
+        outputs.append(_prefill_attention(q, k_pool, v_pool, chunk, scale, variant))
     return outputs[0] if len(outputs) == 1 else mx.concatenate(outputs, axis=0)
 
 
 def _prefill_attention(
-    q: mx.array, k_pool: mx.array, v_pool: mx.array, chunk: PrefillChunk, scale: float
+    q: mx.array,
+    k_pool: mx.array,
+    v_pool: mx.array,
+    chunk: PrefillChunk,
+    scale: float,
+    variant: AttentionVariant,
 ) -> mx.array:
     """Causal attention of one chunk over its sequence's cached prefix plus itself."""
     num_kv_heads, _, block_size, head_dim = k_pool.shape
-    num_slots = chunk.block_table.shape[0] * block_size
+    first_query = chunk.context_len - chunk.query_len  # the chunk's first position
+    # A window hides everything before the first query's window: those blocks are not gathered.
+    first_block = 0
+    if variant.window is not None:
+        first_block = max(0, first_query - variant.window + 1) // block_size
+    table = chunk.block_table[first_block:]
+    first_key = first_block * block_size
+    num_keys = chunk.context_len - first_key
 
     def gather(pool: mx.array) -> mx.array:
         # [Hkv, n, BS, D] -> [1, Hkv, n * BS, D] (a reshape: the pool is head-major), cut to
         # the sequence's real tokens.
-        blocks = pool[:, chunk.block_table]
-        return blocks.reshape(1, num_kv_heads, num_slots, head_dim)[:, :, : chunk.context_len]
+        blocks = pool[:, table]
+        return blocks.reshape(1, num_kv_heads, -1, head_dim)[:, :, :num_keys]
 
     queries = q[chunk.query_start : chunk.query_start + chunk.query_len]
     queries = queries.transpose(1, 0, 2)[None]  # [1, Hq, L, D]
-    # "causal" aligns the mask bottom-right: query i sees the prefix and chunk tokens <= i.
-    out = mx.fast.scaled_dot_product_attention(
-        queries, gather(k_pool), gather(v_pool), scale=scale, mask="causal"
-    )
+    keys, values = gather(k_pool), gather(v_pool)
+    if variant.is_full:
+        # "causal" aligns the mask bottom-right: query i sees the prefix and chunk tokens <= i.
+        mask = "causal"
+    else:
+        query_pos = mx.arange(first_query, chunk.context_len)[:, None]
+        key_pos = mx.arange(first_key, chunk.context_len)[None]
+        mask = key_pos <= query_pos
+        if variant.window is not None:
+            mask = mask & (key_pos > query_pos - variant.window)
+    if variant.softcap is None:
+        out = mx.fast.scaled_dot_product_attention(
+            queries, keys, values, scale=scale, mask=mask, sinks=variant.sinks
+        )
+    else:
+        group = queries.shape[1] // num_kv_heads
+        grouped = queries.reshape(num_kv_heads, group, chunk.query_len, head_dim)
+        sinks = None if variant.sinks is None else variant.sinks.reshape(num_kv_heads, group, 1, 1)
+        out = softmax_attention(grouped, keys[0][:, None], values[0][:, None], scale, mask,
+                                sinks=sinks, softcap=variant.softcap)
+        out = out.reshape(queries.shape)
     return out[0].transpose(1, 0, 2)

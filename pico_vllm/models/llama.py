@@ -17,7 +17,7 @@ from mlx_lm.models.base import BaseModelArgs
 from mlx_lm.models.rope_utils import initialize_rope
 
 from pico_vllm.distributed import check_shardable
-from pico_vllm.layers.attention import AttentionMetadata, KVCache, KVSpec, attention
+from pico_vllm.layers.attention import FULL, AttentionMetadata, KVCache, KVSpec, attention
 
 
 @dataclass
@@ -51,6 +51,7 @@ class Attention(nn.Module):
         self.num_heads, self.num_kv_heads = args.num_attention_heads, args.num_key_value_heads
         self.head_dim = head_dim = args.head_dim
         self.scale = head_dim**-0.5
+        self.variant = FULL  # plain causal attention over the whole context
         bias = args.attention_bias
         self.q_proj = nn.Linear(args.hidden_size, self.num_heads * head_dim, bias=bias)
         self.k_proj = nn.Linear(args.hidden_size, self.num_kv_heads * head_dim, bias=bias)
@@ -78,7 +79,7 @@ class Attention(nn.Module):
         qk = mx.concatenate([q, k], axis=1)[:, :, None, :]
         qk = self.rope(qk, offset=positions)[:, :, 0, :]
         q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]
-        out = attention(q, k, v, cache, self.layer, meta, self.scale)
+        out = attention(q, k, v, cache, self.layer, meta, self.scale, self.variant)
         return self.o_proj(out.reshape(T, -1))
 
 
@@ -124,23 +125,33 @@ class LlamaModel(nn.Module):
 
 
 class Model(nn.Module):
-    """Causal LM: ``model(input_ids[T], positions[T], cache, meta) -> hidden[T, hidden]``,
-    then ``compute_logits`` on the rows that sample."""
+    """Causal LM over the engine's flat batch:
+    ``model(input_ids[T], positions[T], cache, meta, logit_rows[R]) -> logits[R, V]``, the LM
+    head applied only to the rows that sample (all of them when ``logit_rows`` is None)."""
 
+    backbone_class = LlamaModel
     layer_class = DecoderLayer
+    # Whether the file applies a checkpoint's sliding window (else a binding window is refused).
+    implements_sliding_window = False
 
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
         self.args = args
         self.model_type = args.model_type
-        self.model = LlamaModel(args, self.layer_class)
+        self.model = self.backbone_class(args, self.layer_class)
         if not args.tie_word_embeddings:
             self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
 
     def __call__(
-        self, input_ids: mx.array, positions: mx.array, cache: KVCache, meta: AttentionMetadata
+        self,
+        input_ids: mx.array,
+        positions: mx.array,
+        cache: KVCache,
+        meta: AttentionMetadata,
+        logit_rows: mx.array | None = None,
     ) -> mx.array:
-        return self.model(input_ids, positions, cache, meta)
+        hidden = self.model(input_ids, positions, cache, meta)
+        return self.compute_logits(hidden if logit_rows is None else hidden[logit_rows])
 
     def compute_logits(self, hidden: mx.array) -> mx.array:
         if self.args.tie_word_embeddings:
@@ -180,3 +191,8 @@ class Model(nn.Module):
         head_dim, and the query heads beside them."""
         attn = self.model.layers[0].self_attn
         return KVSpec(self.args.num_hidden_layers, attn.num_kv_heads, self.args.head_dim, attn.num_heads)
+
+    @property
+    def layer_windows(self) -> tuple[int | None, ...]:
+        """Each layer's sliding window (None: the whole context)."""
+        return tuple(layer.self_attn.variant.window for layer in self.model.layers)

@@ -55,7 +55,7 @@ class AsyncEngine:
     """An ``LLMEngine`` on its own thread; ``generate`` streams a request's outputs."""
 
     def __init__(self, config: EngineConfig, name: str) -> None:
-        loaded = load(config.model, config.dtype)
+        loaded = load(config.model, config.dtype, config.model_impl)
         self.name = name
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}

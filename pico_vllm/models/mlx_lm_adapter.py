@@ -1,0 +1,276 @@
+"""Any mlx-lm model on the paged engine: mlx-lm's own code runs, only its attention core is ours.
+
+mlx-lm runs a ``[batch, seq_len]`` rectangle and keeps each layer's K/V in a per-request cache
+object; the engine runs one flat batch of ``T`` tokens from many sequences over a paged pool.
+Three seams join them, and nothing else of mlx-lm's model is touched:
+
+1. **The flat batch as a batch of one-token rows.** The ``T`` tokens go in as ``[T, 1]``: each
+   token is its own batch row. mlx-lm already supports one rotary offset per row (its
+   ``BatchKVCache``), so every layer rotates each token by its own position, and norms, MLPs
+   and MoE experts are per token anyway.
+2. **A cache object per layer** (:class:`LayerView`), passed where mlx-lm passes its caches:
+   ``offset`` is the tokens' positions, ``update_and_fetch`` writes the step's K/V into the pool
+   in place, and ``make_mask`` hands back a :class:`PagedMask` that records the window the
+   model asked for (mlx-lm's sliding-window layers ask through their masks).
+3. **The attention core.** Each attention module gets a subclass whose ``__call__`` is the
+   module's own, compiled against a globals dict in which ``scaled_dot_product_attention`` (the
+   function every mlx-lm attention calls after its cache update) is :func:`paged_sdpa`: the
+   layer's queries, scale, mask and sinks go to :func:`pico_vllm.layers.attention.attend` (the
+   Metal kernel for decodes, the prefill path for chunks). No module global changes: other
+   users of mlx-lm in the process are unaffected.
+
+The model's backbone (the module holding ``layers``) gets a subclass too, which keeps only the
+rows that sample, so the LM head (and whatever mlx-lm applies after it: softcapping, scales)
+runs on those rows alone.
+
+At load, one probe forward of one token (:func:`probe`) records what every layer does: the shape
+of the K/V it writes, its query heads, its window and sinks. A layer that writes no K/V, attends
+twice, passes a mask of its own, or keeps recurrent state instead of K/V is an error at load
+that names it: a model this adapter cannot run exactly is never served approximately.
+"""
+
+from __future__ import annotations
+
+import functools
+import types
+from typing import Any, NamedTuple
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.models.base import scaled_dot_product_attention as mlx_lm_sdpa
+from mlx_lm.models.cache import KVCache as MlxLmKVCache
+from mlx_lm.models.cache import RotatingKVCache, make_prompt_cache
+
+from pico_vllm.layers.attention import AttentionMetadata, AttentionVariant, KVCache, KVSpec, attend
+
+
+class PagedMask(NamedTuple):
+    """What a paged layer gets for ``mask``: only the sliding window the model asked for."""
+
+    window: int | None
+
+
+class LayerView:
+    """Layer ``layer``'s cache during one paged forward (see the module docstring)."""
+
+    def __init__(self, layer: int, positions: mx.array, pool: KVCache, meta: AttentionMetadata):
+        self.layer, self.offset, self.pool, self.meta = layer, positions, pool, meta
+        self.writes = self.attends = 0
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        """Write the step's K/V (``[T, Hkv, 1, D]``) into the pool; what mlx-lm gets back is only
+        handed on to :func:`paged_sdpa`, which reads the pool instead."""
+        self.pool.write(self.layer, keys[:, :, 0], values[:, :, 0], self.meta)
+        self.writes += 1
+        return keys, values
+
+    def make_mask(self, n: int, return_array: bool = False, window_size: int | None = None) -> PagedMask:
+        return PagedMask(window_size)
+
+    def attend(self, queries: mx.array, scale: float, mask: Any, sinks: mx.array | None) -> mx.array:
+        """``queries[T, Hq, 1, D]`` over the pool -> ``[T, Hq, 1, D]``."""
+        self.attends += 1
+        variant = AttentionVariant(window=_window_of(mask, self.layer), sinks=sinks)
+        out = attend(queries[:, :, 0], self.pool, self.layer, self.meta, scale, variant)
+        return out[:, :, None]
+
+
+class ProbeView:
+    """Layer ``layer``'s cache during the load-time probe: records, computes nothing real."""
+
+    def __init__(self, layer: int) -> None:
+        self.layer, self.offset = layer, mx.array([0])
+        self.writes = self.attends = 0
+        self.kv_shape: tuple[int, ...] | None = None
+        self.num_q_heads = 0
+        self.window: int | None = None
+        self.has_sinks = False
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        if keys.shape != values.shape:
+            raise ValueError(f"layer {self.layer} keeps keys {keys.shape} and values {values.shape} "
+                             "of different shapes (latent attention?), which the paged pool does not hold")
+        self.kv_shape = keys.shape
+        self.writes += 1
+        return keys, values
+
+    make_mask = LayerView.make_mask
+
+    def attend(self, queries: mx.array, scale: float, mask: Any, sinks: mx.array | None) -> mx.array:
+        self.attends += 1
+        self.num_q_heads = queries.shape[1]
+        self.window = _window_of(mask, self.layer)
+        self.has_sinks = sinks is not None
+        return mx.zeros_like(queries)
+
+
+class StepCaches(list):
+    """The per-layer views of one forward, as mlx-lm's cache list, plus the rows that sample."""
+
+    def __init__(self, views: list, logit_rows: mx.array | None) -> None:
+        super().__init__(views)
+        self.logit_rows = logit_rows
+
+
+def paged_sdpa(queries, keys, values, cache, scale, mask=None, sinks=None) -> mx.array:
+    """Stands in for mlx-lm's ``scaled_dot_product_attention`` inside a paged attention module:
+    the engine's layer views attend over the pool; any other cache (mlx-lm's own generation)
+    gets mlx-lm's function, so the module still behaves exactly as before outside the engine."""
+    if isinstance(cache, (LayerView, ProbeView)):
+        return cache.attend(queries, scale, mask, sinks)
+    return mlx_lm_sdpa(queries, keys, values, cache, scale=scale, mask=mask, sinks=sinks)
+
+
+def _window_of(mask: Any, layer: int) -> int | None:
+    if mask is None:
+        return None
+    if not isinstance(mask, PagedMask):
+        raise ValueError(f"layer {layer} attends with a mask of its own ({type(mask).__name__}), "
+                         "not one the cache made: the paged engine cannot tell what it hides")
+    return mask.window
+
+
+@functools.cache
+def paged_attention_class(cls: type) -> type:
+    """``cls`` with its own ``__call__``, but calling :func:`paged_sdpa` for the attention core."""
+    call = cls.__call__
+    routed = types.FunctionType(
+        call.__code__, dict(call.__globals__, scaled_dot_product_attention=paged_sdpa),
+        call.__name__, call.__defaults__, call.__closure__,
+    )
+    routed.__kwdefaults__ = call.__kwdefaults__
+    return type(cls.__name__, (cls,), {"__call__": routed, "__module__": cls.__module__})
+
+
+@functools.cache
+def sampling_rows_class(cls: type) -> type:
+    """``cls`` (a backbone) returning only the hidden rows that sample (``StepCaches.logit_rows``)."""
+
+    def __call__(self, *args, **kwargs):
+        hidden = cls.__call__(self, *args, **kwargs)
+        caches = next((a for a in (*args, *kwargs.values()) if isinstance(a, StepCaches)), None)
+        if caches is None or caches.logit_rows is None:
+            return hidden
+        return hidden[caches.logit_rows]
+
+    return type(cls.__name__, (cls,), {"__call__": __call__, "__module__": cls.__module__})
+
+
+class LayerPlan(NamedTuple):
+    """What the probe found one cache entry (an attention layer) of the model to be."""
+
+    num_kv_heads: int
+    head_dim: int
+    num_q_heads: int
+    window: int | None
+    has_sinks: bool
+
+
+class MlxLmModel(nn.Module):
+    """An mlx-lm model behind the engine's model interface:
+    ``model(input_ids[T], positions[T], cache, meta, logit_rows[R]) -> logits[R, V]``."""
+
+    def __init__(self, model: nn.Module, model_type: str) -> None:
+        super().__init__()
+        self.model = model
+        self.model_type = model_type
+        self._num_layers = len(make_prompt_cache(model))
+        _route(model, model_type)
+        self.plan = probe(model, model_type, self._num_layers)
+
+    def __call__(
+        self,
+        input_ids: mx.array,
+        positions: mx.array,
+        cache: KVCache,
+        meta: AttentionMetadata,
+        logit_rows: mx.array | None = None,
+    ) -> mx.array:
+        views = [LayerView(i, positions, cache, meta) for i in range(self._num_layers)]
+        logits = self.model(input_ids[:, None], cache=StepCaches(views, logit_rows))
+        for view in views:  # what the probe checked, kept true at every trace
+            assert view.writes == 1 and view.attends == 1, (view.layer, view.writes, view.attends)
+        return logits[:, 0]
+
+    @property
+    def kv_spec(self) -> KVSpec:
+        first = self.plan[0]
+        return KVSpec(len(self.plan), first.num_kv_heads, first.head_dim, first.num_q_heads)
+
+    @property
+    def layer_windows(self) -> tuple[int | None, ...]:
+        return tuple(layer.window for layer in self.plan)
+
+    def shard(self, group: mx.distributed.Group) -> None:
+        """mlx-lm's own tensor-parallel split, where the architecture has one."""
+        if not hasattr(self.model, "shard"):
+            raise ValueError(f"mlx-lm's {self.model_type!r} model has no shard(): it cannot be split "
+                             "over ranks (tensor parallelism)")
+        self.model.shard(group)
+        mx.eval(self.model.parameters())
+        self.plan = probe(self.model, self.model_type, self._num_layers)
+
+
+def _route(model: nn.Module, model_type: str) -> None:
+    """Give every attention module its paged subclass and the backbone its row-selecting one."""
+    backbone = _backbone(model, model_type)
+    backbone.__class__ = sampling_rows_class(type(backbone))
+    for layer in backbone["layers"]:
+        attention = _attention_of(layer, model_type)
+        attention.__class__ = paged_attention_class(type(attention))
+
+
+def _backbone(model: nn.Module, model_type: str) -> nn.Module:
+    """The module that owns the decoder layers (``model.model``, ``model.language_model.model``,
+    ``model.transformer``, ...)."""
+    stack = [model]
+    while stack:
+        module = stack.pop(0)
+        if isinstance(module.get("layers"), list):
+            return module
+        stack += [child for child in module.children().values() if isinstance(child, nn.Module)]
+    raise ValueError(f"mlx-lm's {model_type!r} model has no module holding its decoder layers")
+
+
+ATTENTION_NAMES = ("self_attn", "attention", "attn", "self_attention")
+
+
+def _attention_of(layer: nn.Module, model_type: str) -> nn.Module:
+    for name in ATTENTION_NAMES:
+        if isinstance(layer.get(name), nn.Module):
+            return layer[name]
+    raise ValueError(f"a decoder layer of mlx-lm's {model_type!r} ({type(layer).__name__}) has no "
+                     f"attention module the paged engine knows ({', '.join(ATTENTION_NAMES)}); "
+                     f"it has {', '.join(layer.children())}")
+
+
+def probe(model: nn.Module, model_type: str, num_layers: int) -> tuple[LayerPlan, ...]:
+    """Run one token through ``model`` with recording views; return each layer's plan, or raise
+    naming the first layer the paged engine cannot run exactly."""
+    kinds = make_prompt_cache(model)
+    views = [ProbeView(i) for i in range(num_layers)]
+    model(mx.zeros((1, 1), mx.int32), cache=StepCaches(views, None))
+    plans = []
+    for view, kind in zip(views, kinds):
+        where = f"mlx-lm's {model_type!r} layer {view.layer}"
+        if not isinstance(kind, (MlxLmKVCache, RotatingKVCache)):
+            raise ValueError(f"{where} keeps a {type(kind).__name__}, not a K/V cache (recurrent "
+                             "or latent state), which the paged engine does not hold yet")
+        if (view.writes, view.attends) != (1, 1):
+            raise ValueError(f"{where} wrote K/V {view.writes} and attended {view.attends} time(s) "
+                             "in one forward; the paged engine runs layers that do each once, through "
+                             "mlx-lm's scaled_dot_product_attention")
+        window = kind.max_size if isinstance(kind, RotatingKVCache) else None
+        if isinstance(kind, RotatingKVCache) and kind.keep:
+            raise ValueError(f"{where} keeps its first {kind.keep} tokens beside a window, which "
+                             "the paged engine does not implement")
+        if view.window != window:
+            raise ValueError(f"{where} attends with window {view.window} but caches for window "
+                             f"{window}; mlx-lm itself would disagree with itself there")
+        _, num_kv_heads, _, head_dim = view.kv_shape
+        plans.append(LayerPlan(num_kv_heads, head_dim, view.num_q_heads, view.window, view.has_sinks))
+    shapes = {(p.num_kv_heads, p.head_dim, p.num_q_heads) for p in plans}
+    if len(shapes) > 1:
+        raise ValueError(f"mlx-lm's {model_type!r} layers differ in K/V shape {sorted(shapes)}; "
+                         "the paged pool holds one shape for every layer")
+    return tuple(plans)

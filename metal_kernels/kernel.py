@@ -26,7 +26,9 @@ import mlx.core as mx
 
 SOURCE_PATH = Path(__file__).with_name("paged_attention.metal")
 MERGE_SOURCE_PATH = Path(__file__).with_name("paged_attention_merge.metal")
-INPUT_NAMES = ["q", "k_pool", "v_pool", "block_tables", "context_lens", "scale", "blocks_per_part"]
+INPUT_NAMES = ["q", "k_pool", "v_pool", "block_tables", "context_lens", "scale", "blocks_per_part",
+               "window", "softcap"]
+MERGE_INPUT_NAMES = ["o_part", "ml_part", "sinks"]
 OUTPUT_NAMES = ["o_part", "ml_part"]
 
 HEAD_DIMS = (64, 80, 96, 128, 256)
@@ -55,7 +57,7 @@ def build_kernel(source: str | None = None, name: str = "pico_paged_attention"):
 @functools.cache
 def build_merge_kernel(source: str | None = None, name: str = "pico_paged_attention_merge"):
     """Pass 2's ``mx.fast.metal_kernel`` object."""
-    return mx.fast.metal_kernel(name=name, input_names=["o_part", "ml_part"], output_names=["out"],
+    return mx.fast.metal_kernel(name=name, input_names=MERGE_INPUT_NAMES, output_names=["out"],
                                 source=source or kernel_source(MERGE_SOURCE_PATH))
 
 
@@ -78,7 +80,7 @@ def num_partitions(batch: int, threadgroups_per_sequence: int, max_blocks: int) 
 
 
 def unsupported_reason(q: mx.array, k_pool: mx.array, v_pool: mx.array, block_tables: mx.array,
-                       context_lens: mx.array) -> str | None:
+                       context_lens: mx.array, sinks: mx.array | None = None) -> str | None:
     """Why the kernel cannot take these inputs, or None when it can."""
     _, num_q_heads, head_dim = q.shape
     num_kv_heads, _, block_size, _ = k_pool.shape
@@ -94,6 +96,8 @@ def unsupported_reason(q: mx.array, k_pool: mx.array, v_pool: mx.array, block_ta
         return f"{num_q_heads} query heads do not split over {num_kv_heads} KV heads"
     if block_tables.dtype != mx.int32 or context_lens.dtype != mx.int32:
         return f"block_tables {block_tables.dtype} / context_lens {context_lens.dtype} (need int32)"
+    if sinks is not None and sinks.shape != (num_q_heads,):
+        return f"sinks {sinks.shape} (need one per query head, {num_q_heads})"
     return None
 
 
@@ -104,15 +108,22 @@ def instance(dtype: mx.Dtype, num_q_heads: int, num_kv_heads: int, head_dim: int
     return (dtype, head_dim, block_size, heads_per_threadgroup(group, head_dim), NUM_SIMDGROUPS)
 
 
+def blocks_to_read(block_tables: mx.array, block_size: int, window: int | None) -> int:
+    """How many blocks of a table one query reads: the table's width, or at most the blocks a
+    window of ``window`` tokens can touch."""
+    width = block_tables.shape[1]
+    return width if window is None else min(width, (window - 1) // block_size + 2)
+
+
 def launch_config(q: mx.array, k_pool: mx.array, block_tables: mx.array,
-                  partitions: int | None = None) -> dict:
+                  partitions: int | None = None, window: int | None = None) -> dict:
     """Template, grid, output shapes and partition size of one pass-1 launch (MLX's grid counts
     threads). ``partitions`` overrides ``num_partitions`` (the tests walk 1 to 64)."""
     batch, num_q_heads, head_dim = q.shape
     num_kv_heads, block_size = k_pool.shape[0], k_pool.shape[2]
     dtype, _, _, gq, nsg = instance(q.dtype, num_q_heads, num_kv_heads, head_dim, block_size)
     chunks = num_q_heads // num_kv_heads // gq
-    max_blocks = block_tables.shape[1]
+    max_blocks = blocks_to_read(block_tables, block_size, window)
     parts = partitions or num_partitions(batch, num_kv_heads * chunks, max_blocks)
     blocks_per_part = max(1, -(-max_blocks // parts))
     parts = max(1, -(-max_blocks // blocks_per_part))  # no partition left without a block
@@ -127,14 +138,15 @@ def launch_config(q: mx.array, k_pool: mx.array, block_tables: mx.array,
 
 
 def paged_attention_partials(
-    q, k_pool, v_pool, block_tables, context_lens, scale: float, *,
-    partitions: int | None = None, kernel=None, verbose: bool = False,
+    q, k_pool, v_pool, block_tables, context_lens, scale: float, *, window: int | None = None,
+    softcap: float | None = None, partitions: int | None = None, kernel=None, verbose: bool = False,
 ) -> tuple[mx.array, mx.array]:
     """Pass 1: ``o_part[B, Hq, P, D]`` (normalized per partition), ``ml_part[B, Hq, P, 2]``."""
-    config = launch_config(q, k_pool, block_tables, partitions)
+    config = launch_config(q, k_pool, block_tables, partitions, window)
     blocks_per_part = config.pop("blocks_per_part")
     inputs = [q, k_pool, v_pool, block_tables, context_lens, mx.array(scale, dtype=mx.float32),
-              mx.array(blocks_per_part, dtype=mx.int32)]
+              mx.array(blocks_per_part, dtype=mx.int32), mx.array(window or 0, dtype=mx.int32),
+              mx.array(softcap or 0.0, dtype=mx.float32)]
     return tuple((kernel or build_kernel())(inputs=inputs, verbose=verbose, **config))
 
 
@@ -146,14 +158,19 @@ def merge_config(o_part: mx.array, dtype: mx.Dtype) -> dict:
                 output_dtypes=[dtype])
 
 
-def merge_partitions(o_part: mx.array, ml_part: mx.array, dtype: mx.Dtype, *, kernel=None,
-                     verbose: bool = False) -> mx.array:
-    """Pass 2: ``[B, Hq, D]`` in ``dtype``, the exact merge (see the ``.metal`` header)."""
+def merge_partitions(o_part: mx.array, ml_part: mx.array, dtype: mx.Dtype, sinks: mx.array | None = None,
+                     *, kernel=None, verbose: bool = False) -> mx.array:
+    """Pass 2: ``[B, Hq, D]`` in ``dtype``, the exact merge (see the ``.metal`` header); ``sinks``
+    (``[Hq]``) join the denominator."""
     config = merge_config(o_part, dtype)
-    return (kernel or build_merge_kernel())(inputs=[o_part, ml_part], verbose=verbose, **config)[0]
+    sinks = mx.full((o_part.shape[1],), -mx.inf) if sinks is None else sinks.astype(mx.float32)
+    return (kernel or build_merge_kernel())(inputs=[o_part, ml_part, sinks], verbose=verbose, **config)[0]
 
 
-def paged_attention_kernel(q, k_pool, v_pool, block_tables, context_lens, scale: float):
-    """Both passes; same contract as ``paged_attention_reference``."""
-    o_part, ml_part = paged_attention_partials(q, k_pool, v_pool, block_tables, context_lens, scale)
-    return merge_partitions(o_part, ml_part, q.dtype)
+def paged_attention_kernel(q, k_pool, v_pool, block_tables, context_lens, scale: float, *,
+                           window: int | None = None, sinks: mx.array | None = None,
+                           softcap: float | None = None):
+    """Both passes; same contract as ``paged_attention_reference``, variants included."""
+    o_part, ml_part = paged_attention_partials(q, k_pool, v_pool, block_tables, context_lens, scale,
+                                               window=window, softcap=softcap)
+    return merge_partitions(o_part, ml_part, q.dtype, sinks)

@@ -1,10 +1,17 @@
 // Paged-attention decode, pass 1: one query token per sequence over its paged KV context.
 //
 // This file is the *body* of an `mx.fast.metal_kernel`: MLX generates the signature from the
-// input/output names (q, k_pool, v_pool, block_tables, context_lens, scale, blocks_per_part ->
-// o_part, ml_part) and the template parameters T (dtype), D (head_dim), BS (block_size), GQ (query
-// heads per threadgroup) and NSG (simdgroups per threadgroup). Batch, blocks, context lengths,
-// scale and the partition size are run-time values: one compiled kernel serves every step.
+// input/output names (q, k_pool, v_pool, block_tables, context_lens, scale, blocks_per_part,
+// window, softcap -> o_part, ml_part) and the template parameters T (dtype), D (head_dim), BS
+// (block_size), GQ (query heads per threadgroup) and NSG (simdgroups per threadgroup). Batch,
+// blocks, context lengths, scale, the partition size and the variants are run-time values: one
+// compiled kernel serves every step and every layer.
+//
+// Variants (run time; 0 switches each off):
+//   window   the query (the sequence's last token) sees only the last `window` tokens: blocks
+//            before the window are never read, and partitions cover the window's blocks only
+//   softcap  every score s becomes softcap * tanh(s / softcap) (Gemma 2)
+// Attention sinks (gpt-oss) only change the softmax's denominator: pass 2 adds them.
 //
 // Memory layout (inputs are read through their strides, in elements, so MLX copies none: q is a
 // slice of the step's rotated q|k rows, not row-contiguous)
@@ -16,8 +23,9 @@
 //   ml_part       [B, Hq, P, 2] float32    per-partition (max score m, sum of exp l)
 //
 // Grid (MLX's grid counts threads): (P * NSG * 32, Hkv * G / GQ, B), threadgroups of NSG * 32.
-// Threadgroup (p, y, b) takes partition p -- blocks [p * blocks_per_part, (p + 1) *
-// blocks_per_part) of sequence b's table -- for KV head y / (G / GQ) and GQ of the query heads
+// Threadgroup (p, y, b) takes partition p -- blocks [first + p * blocks_per_part, first + (p + 1) *
+// blocks_per_part) of sequence b's table, `first` the window's first block (0 without a window)
+// -- for KV head y / (G / GQ) and GQ of the query heads
 // that share it, so each K/V element read from device memory serves GQ dot products. The launcher
 // picks P at run time from batch x KV heads x table width, so that a launch has enough
 // threadgroups to fill the GPU even at batch 1 (kernel.py: num_partitions). Each simdgroup takes
@@ -54,7 +62,8 @@ const int max_blocks = block_tables_shape[1];
 // A context longer than its table (a caller's mistake) reads only the table's blocks.
 const int context_len = metal::clamp(context_lens[b * context_lens_strides[0]], 0, max_blocks * BS);
 const int used_blocks = (context_len + BS - 1) / BS;
-const int part_begin = metal::min(part * blocks_per_part, used_blocks);
+const int first_token = window > 0 ? metal::max(0, context_len - window) : 0;  // the window's start
+const int part_begin = metal::min(first_token / BS + part * blocks_per_part, used_blocks);
 const int part_end = metal::min(part_begin + blocks_per_part, used_blocks);
 const int per_sg = (part_end - part_begin + NSG - 1) / NSG;
 const int my_begin = metal::min(part_begin + (int)sg * per_sg, part_end);
@@ -91,7 +100,7 @@ for (int blk = my_begin; blk < my_end; blk++) {
   const device T* k_block = k_head + block * k_pool_strides[1];
   const device T* v_block = v_head + block * v_pool_strides[1];
   const int tokens = metal::min(BS, context_len - blk * BS);
-  for (int j = 0; j < tokens; j++) {
+  for (int j = metal::max(0, first_token - blk * BS); j < tokens; j++) {
     float k_reg[EPT];
     float v_reg[EPT];
     for (int i = 0; i < EPT; i++) {
@@ -104,6 +113,9 @@ for (int blk = my_begin; blk < my_end; blk++) {
         score += q_reg[g][i] * k_reg[i];
       }
       score = metal::simd_sum(score);
+      if (softcap > 0.0f) {
+        score = softcap * metal::precise::tanh(score / softcap);
+      }
       const float m_new = metal::max(m_reg[g], score);
       const float rescale = metal::fast::exp(m_reg[g] - m_new);
       const float weight = metal::fast::exp(score - m_new);

@@ -47,6 +47,9 @@ def paged_attention_reference(
     values = v_pool[:, block_tables].reshape(num_kv_heads, batch, num_slots, head_dim)
     # [B, Hq, D] -> [Hkv, B, G, D]: the G query heads sharing a KV head are one matmul's rows.
     queries = q.reshape(batch, num_kv_heads, group, head_dim).transpose(1, 0, 2, 3)
+    # A context longer than its table (a caller's mistake) reads only the table's blocks, as the
+    # kernel does: a window then ends at the table's end.
+    context_lens = mx.minimum(context_lens, num_slots)
     # Slots past a context (block padding, the tail of its last block) are masked out.
     slots = mx.arange(num_slots)[None, :]
     valid = slots < context_lens[:, None]  # [B, N]

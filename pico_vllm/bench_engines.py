@@ -127,7 +127,7 @@ def benchmark(
     check_selection(workloads, engines)
     loaded = load(model)
     num_params = sum(p.size for _, p in tree_flatten(loaded.model.parameters()))
-    vocab = loaded.config["vocab_size"]
+    vocab = loaded.model.vocab_size
     facts = {"model": loaded.name, "parameters": num_params,
              "peak_matmul_flops": peak_matmul_flops(loaded.config["hidden_size"]),
              "device": str(mx.default_device()), "quick": quick}

@@ -74,11 +74,23 @@ def make_random_model(
     }
     if arch in OWN_ARCHITECTURES:
         config["architectures"] = [OWN_ARCHITECTURES[arch]]
-    module = importlib.import_module(f"mlx_lm.models.{arch}")
+    return save_random_model(directory, config, logit_scale=logit_scale, seed=seed)
+
+
+def save_random_model(
+    directory: Path, config: dict, *, logit_scale: float = 8.0, seed: int = 0, max_parameters: int = 10**7
+) -> Path:
+    """Build mlx-lm's model for exactly ``config`` with random weights, scale its output projection
+    by ``logit_scale`` (peaked logits: top-1 margins dwarf fp32 rounding), and save it with the
+    tiny tokenizer under ``directory``. A config that still makes a big model is refused before
+    anything is computed (MLX arrays are lazy until saved)."""
+    module = importlib.import_module(f"mlx_lm.models.{config['model_type']}")
     mx.random.seed(seed)
     model = module.Model(module.ModelArgs.from_dict(config))
-    # Peaked logits: scale the output projection so top-1 margins dwarf fp32 rounding.
     params = dict(tree_flatten(model.parameters()))
+    size = sum(p.size for p in params.values())
+    if size > max_parameters:
+        raise ValueError(f"this config still makes {size:,} parameters")
     head = [k for k in params if k.endswith("lm_head.weight")] or [
         k for k in params if k.endswith("embed_tokens.weight")]
     for name in head:
@@ -86,7 +98,7 @@ def make_random_model(
     directory.mkdir(parents=True, exist_ok=True)
     mx.save_safetensors(str(directory / "model.safetensors"), params)
     (directory / "config.json").write_text(json.dumps(config, indent=2))
-    write_tiny_tokenizer(directory, vocab_size)
+    write_tiny_tokenizer(directory, config.get("vocab_size", 512))
     return directory
 
 

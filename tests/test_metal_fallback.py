@@ -35,9 +35,9 @@ def fake_metal(monkeypatch):
     calls = []
 
     def set_kernel(fn):
-        def kernel(*args):
+        def kernel(*args, **variants):
             calls.append(args)
-            return fn(*args)
+            return fn(*args, **variants)
 
         monkeypatch.setattr(metal_kernels, "paged_attention_kernel", kernel)
         return calls
@@ -74,7 +74,7 @@ def test_the_self_check_runs_in_the_callers_dtype_with_partitions_and_padding(fa
 
 
 def test_a_wrong_kernel_fails_the_self_check_and_the_reference_takes_over(fake_metal, caplog):
-    calls = fake_metal(lambda *a: paged_attention_reference(*a) + 0.01)
+    calls = fake_metal(lambda *a, **k: paged_attention_reference(*a, **k) + 0.01)
     args = inputs()
     with caplog.at_level(logging.WARNING, logger="pico_vllm.metal"):
         assert paged_attention_metal(*args) is None
@@ -84,21 +84,36 @@ def test_a_wrong_kernel_fails_the_self_check_and_the_reference_takes_over(fake_m
     assert mx.array_equal(paged_attention(*args), paged_attention_reference(*args))
 
 
+@pytest.mark.parametrize("variant", ["window", "softcap", "sinks"])
+def test_a_kernel_wrong_only_for_a_variant_fails_its_self_check(fake_metal, variant):
+    """Windows, softcapping and sinks are run-time values of the same pipeline: the check runs
+    them (its batch of 9), so a kernel that gets one wrong never serves a step."""
+    def kernel(*args, **variants):
+        wrong = dict(variants)
+        if variant in variants:  # only the check's second case has variants
+            wrong[variant] = variants[variant] + 1 if variant == "window" else None
+        return paged_attention_reference(*args, **wrong)
+
+    calls = fake_metal(kernel)
+    assert paged_attention_metal(*inputs()) is None
+    assert len(calls) == 2
+
+
 def test_bf16_output_rounding_passes_but_a_bf16_error_past_it_does_not(fake_metal):
     # The reference rounds to bf16 too; a kernel one bf16 step off everywhere still passes,
     # one that is 5% off does not.
-    fake_metal(lambda *a: paged_attention_reference(*a) * (1 + 2**-8))
+    fake_metal(lambda *a, **k: paged_attention_reference(*a, **k) * (1 + 2**-8))
     assert paged_attention_metal(*inputs(dtype=mx.bfloat16)) is not None
     metal_kernels._verdicts.clear()
-    fake_metal(lambda *a: paged_attention_reference(*a) * 1.05)
+    fake_metal(lambda *a, **k: paged_attention_reference(*a, **k) * 1.05)
     assert paged_attention_metal(*inputs(dtype=mx.bfloat16)) is None
 
 
-def unbuildable(*args) -> mx.array:
+def unbuildable(*args, **variants) -> mx.array:
     """A kernel whose failure comes when its graph is evaluated, not when it is called: how MLX
     reports a Metal library that does not build (it builds lazily, at the first ``mx.eval``)."""
     fails_when_evaluated = mx.linalg.inv(mx.zeros((2, 2)), stream=mx.cpu)[0, 0]  # LU fails in eval
-    return paged_attention_reference(*args) + fails_when_evaluated
+    return paged_attention_reference(*args, **variants) + fails_when_evaluated
 
 
 def test_a_kernel_that_fails_only_when_evaluated_fails_its_self_check(fake_metal, caplog):
@@ -117,7 +132,7 @@ def test_the_real_kernel_off_metal_fails_its_self_check(fake_metal, caplog):
 
 
 def test_a_crashing_kernel_fails_the_self_check(fake_metal, caplog):
-    def crash(*_):
+    def crash(*_, **__):
         raise RuntimeError("Unable to build pipeline")
 
     fake_metal(crash)
@@ -129,8 +144,8 @@ def test_a_crashing_kernel_fails_the_self_check(fake_metal, caplog):
 def test_each_instance_is_checked_on_its_own(fake_metal, caplog):
     """A kernel wrong only for head_dim 64: that instance falls back (one warning naming it),
     head_dim 128 keeps the kernel."""
-    def kernel(q, *rest):
-        out = paged_attention_reference(q, *rest)
+    def kernel(q, *rest, **variants):
+        out = paged_attention_reference(q, *rest, **variants)
         return out + 0.01 if q.shape[-1] == 64 else out
 
     fake_metal(kernel)
@@ -147,7 +162,7 @@ def test_the_engine_checks_its_instance_at_start_up_and_stays_token_exact(fake_m
     """Whatever the model's instance does in its check, greedy tokens equal mlx-lm's; the check
     ran when the engine started (before any graph was traced), not in a step."""
     model = random_model("llama", head_dim=64)
-    kernels = {"wrong": lambda *a: paged_attention_reference(*a) * 1.1,
+    kernels = {"wrong": lambda *a, **k: paged_attention_reference(*a, **k) * 1.1,
                "unbuildable": unbuildable, "correct": paged_attention_reference}
     calls = fake_metal(kernels[kernel])
     llm = LLM(str(model), num_blocks=64)

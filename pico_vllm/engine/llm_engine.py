@@ -57,7 +57,7 @@ class LLMEngine:
         loaded = loaded or load(config.model, config.dtype, config.model_impl)
         self.model, self.tokenizer = loaded.model, loaded.tokenizer
         self.eos_token_ids = set(loaded.eos_token_ids)
-        self.vocab_size = text_config(loaded.config)["vocab_size"]
+        self.vocab_size = self.model.vocab_size
         if (config.max_model_len or 0) > loaded.max_model_len:
             raise ValueError(f"max_model_len {config.max_model_len} exceeds the model's limit of "
                              f"{loaded.max_model_len} tokens (max_position_embeddings)")

@@ -114,7 +114,7 @@ class ModelRunner:
         prepare_paged_attention(dtype, spec.num_q_heads, spec.num_kv_heads, spec.head_dim, config.block_size)
         max_blocks = min(-(-max_model_len // config.block_size), self.num_blocks)
         self.graphs = None
-        if not config.enforce_eager:
+        if not config.enforce_eager and model.supports_graphs:
             self.graphs = DecodeGraphs(
                 self._decode_step, self.cache.state, config.max_num_seqs, max_blocks
             )

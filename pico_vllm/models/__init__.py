@@ -61,7 +61,7 @@ def sliding_window(config: dict) -> int | None:
     window = config.get("sliding_window")
     if window is None:
         return None
-    if "layer_types" in config:
+    if config.get("layer_types") is not None:
         return window if any("sliding" in str(kind) for kind in config["layer_types"]) else None
     if config.get("model_type") in ("qwen2", "qwen3"):
         return window if config.get("use_sliding_window") else None

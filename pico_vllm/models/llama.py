@@ -133,6 +133,7 @@ class Model(nn.Module):
     layer_class = DecoderLayer
     # Whether the file applies a checkpoint's sliding window (else a binding window is refused).
     implements_sliding_window = False
+    supports_graphs = True  # decode steps can be captured with mx.compile
 
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
@@ -191,6 +192,10 @@ class Model(nn.Module):
         head_dim, and the query heads beside them."""
         attn = self.model.layers[0].self_attn
         return KVSpec(self.args.num_hidden_layers, attn.num_kv_heads, self.args.head_dim, attn.num_heads)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.args.vocab_size
 
     @property
     def layer_windows(self) -> tuple[int | None, ...]:

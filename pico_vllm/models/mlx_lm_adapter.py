@@ -32,6 +32,7 @@ that names it: a model this adapter cannot run exactly is never served approxima
 from __future__ import annotations
 
 import functools
+import logging
 import types
 from typing import Any, NamedTuple
 
@@ -42,6 +43,8 @@ from mlx_lm.models.cache import KVCache as MlxLmKVCache
 from mlx_lm.models.cache import RotatingKVCache, make_prompt_cache
 
 from pico_vllm.layers.attention import AttentionMetadata, AttentionVariant, KVCache, KVSpec, attend
+
+logger = logging.getLogger("pico_vllm.models")
 
 
 class PagedMask(NamedTuple):
@@ -79,7 +82,7 @@ class ProbeView:
     """Layer ``layer``'s cache during the load-time probe: records, computes nothing real."""
 
     def __init__(self, layer: int) -> None:
-        self.layer, self.offset = layer, mx.array([0])
+        self.layer, self.offset = layer, mx.array([0, 1])
         self.writes = self.attends = 0
         self.kv_shape: tuple[int, ...] | None = None
         self.num_q_heads = 0
@@ -174,9 +177,10 @@ class MlxLmModel(nn.Module):
         super().__init__()
         self.model = model
         self.model_type = model_type
-        self._num_layers = len(make_prompt_cache(model))
-        _route(model, model_type)
-        self.plan = probe(model, model_type, self._num_layers)
+        self._num_layers = len(kv_caches(model, model_type))
+        _route(model, model_type, self._num_layers)
+        self.plan, self.vocab_size = probe(model, model_type, self._num_layers)
+        self.supports_graphs = _traces_under_compile(model, self._num_layers)
 
     def __call__(
         self,
@@ -208,54 +212,88 @@ class MlxLmModel(nn.Module):
                              "over ranks (tensor parallelism)")
         self.model.shard(group)
         mx.eval(self.model.parameters())
-        self.plan = probe(self.model, self.model_type, self._num_layers)
+        self.plan, _ = probe(self.model, self.model_type, self._num_layers)
 
 
-def _route(model: nn.Module, model_type: str) -> None:
-    """Give every attention module its paged subclass and the backbone its row-selecting one."""
+def kv_caches(model: nn.Module, model_type: str) -> list:
+    """mlx-lm's caches for ``model``, one per attention layer; ValueError for a layer that keeps
+    anything else (recurrent state, latent attention, chunked attention)."""
+    caches = make_prompt_cache(model)
+    for layer, cache in enumerate(caches):
+        if not isinstance(cache, (MlxLmKVCache, RotatingKVCache)):
+            raise ValueError(f"mlx-lm's {model_type!r} layer {layer} keeps a {type(cache).__name__}, "
+                             "not a K/V cache (recurrent or latent state, chunked attention), which "
+                             "the paged engine does not hold yet")
+    return caches
+
+
+def _route(model: nn.Module, model_type: str, num_layers: int) -> None:
+    """Give the backbone its row-selecting subclass and every module whose own ``__call__``
+    calls ``scaled_dot_product_attention`` its paged one: one per cache entry, or the model
+    attends somewhere without K/V of its own (layers that share another layer's K/V)."""
     backbone = _backbone(model, model_type)
+    attentions = [
+        module for _, module in backbone.named_modules()
+        if isinstance(call := type(module).__call__, types.FunctionType)
+        and "scaled_dot_product_attention" in call.__code__.co_names
+    ]
+    if len(attentions) != num_layers:
+        raise ValueError(f"mlx-lm's {model_type!r} has {len(attentions)} attention modules but "
+                         f"{num_layers} K/V caches (layers that share another layer's K/V?); the "
+                         "paged engine gives every attention layer its own")
     backbone.__class__ = sampling_rows_class(type(backbone))
-    for layer in backbone["layers"]:
-        attention = _attention_of(layer, model_type)
-        attention.__class__ = paged_attention_class(type(attention))
+    for module in attentions:
+        module.__class__ = paged_attention_class(type(module))
 
 
 def _backbone(model: nn.Module, model_type: str) -> nn.Module:
-    """The module that owns the decoder layers (``model.model``, ``model.language_model.model``,
-    ``model.transformer``, ...)."""
+    """The module that holds the decoder layers as a list (``model.model.layers``,
+    ``model.language_model.model.layers``, GPT-2's ``model.h``, ...): the first one found,
+    breadth first."""
     stack = [model]
     while stack:
         module = stack.pop(0)
-        if isinstance(module.get("layers"), list):
+        children = module.children()
+        if any(isinstance(c, list) and c and all(isinstance(m, nn.Module) for m in c)
+               for c in children.values()):
             return module
-        stack += [child for child in module.children().values() if isinstance(child, nn.Module)]
+        stack += [child for child in children.values() if isinstance(child, nn.Module)]
     raise ValueError(f"mlx-lm's {model_type!r} model has no module holding its decoder layers")
 
 
-ATTENTION_NAMES = ("self_attn", "attention", "attn", "self_attention")
+def _traces_under_compile(model: nn.Module, num_layers: int) -> bool:
+    """Whether ``mx.compile`` can capture the forward: some mlx-lm models read arrays back to
+    Python inside it (DBRX's experts: ``.tolist()``), which only runs eagerly."""
+
+    def forward(tokens: mx.array) -> mx.array:
+        return model(tokens, cache=StepCaches([ProbeView(i) for i in range(num_layers)], None))
+
+    try:
+        mx.compile(forward)(mx.zeros((2, 1), mx.int32))
+    except ValueError as e:
+        if "function transformations" not in str(e):
+            raise
+        logger.info("mlx-lm's %s reads arrays back inside its forward: decode steps run eagerly",
+                    type(model).__module__)
+        return False
+    return True
 
 
-def _attention_of(layer: nn.Module, model_type: str) -> nn.Module:
-    for name in ATTENTION_NAMES:
-        if isinstance(layer.get(name), nn.Module):
-            return layer[name]
-    raise ValueError(f"a decoder layer of mlx-lm's {model_type!r} ({type(layer).__name__}) has no "
-                     f"attention module the paged engine knows ({', '.join(ATTENTION_NAMES)}); "
-                     f"it has {', '.join(layer.children())}")
-
-
-def probe(model: nn.Module, model_type: str, num_layers: int) -> tuple[LayerPlan, ...]:
-    """Run one token through ``model`` with recording views; return each layer's plan, or raise
-    naming the first layer the paged engine cannot run exactly."""
-    kinds = make_prompt_cache(model)
+def probe(model: nn.Module, model_type: str, num_layers: int) -> tuple[tuple[LayerPlan, ...], int]:
+    """Run two one-token rows through ``model`` with recording views; return each layer's plan
+    and the vocabulary (the logits' width), or raise naming the first layer the paged engine
+    cannot run exactly."""
+    kinds = kv_caches(model, model_type)
+    # Two rows, as a step has many: code that treats the positions as one number fails here.
     views = [ProbeView(i) for i in range(num_layers)]
-    model(mx.zeros((1, 1), mx.int32), cache=StepCaches(views, None))
+    try:
+        logits = model(mx.zeros((2, 1), mx.int32), cache=StepCaches(views, None))
+    except Exception as e:  # mlx-lm code that cannot take per-row positions, or a view refusing
+        raise ValueError(f"mlx-lm's {model_type!r} model does not run on the paged engine's layer "
+                         f"views: {type(e).__name__}: {e}") from e
     plans = []
     for view, kind in zip(views, kinds):
         where = f"mlx-lm's {model_type!r} layer {view.layer}"
-        if not isinstance(kind, (MlxLmKVCache, RotatingKVCache)):
-            raise ValueError(f"{where} keeps a {type(kind).__name__}, not a K/V cache (recurrent "
-                             "or latent state), which the paged engine does not hold yet")
         if (view.writes, view.attends) != (1, 1):
             raise ValueError(f"{where} wrote K/V {view.writes} and attended {view.attends} time(s) "
                              "in one forward; the paged engine runs layers that do each once, through "
@@ -273,4 +311,4 @@ def probe(model: nn.Module, model_type: str, num_layers: int) -> tuple[LayerPlan
     if len(shapes) > 1:
         raise ValueError(f"mlx-lm's {model_type!r} layers differ in K/V shape {sorted(shapes)}; "
                          "the paged pool holds one shape for every layer")
-    return tuple(plans)
+    return tuple(plans), logits.shape[-1]

@@ -120,6 +120,7 @@ inline float exp(float x) { return std::exp(x); }
 }  // namespace fast
 namespace precise {
 inline float exp(float x) { return std::exp(x); }
+inline float tanh(float x) { return std::tanh(x); }
 }  // namespace precise
 
 inline void threadgroup_barrier(mem_flags) { mslsim::self.group_barrier->arrive_and_wait(); }

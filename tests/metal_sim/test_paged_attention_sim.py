@@ -57,16 +57,19 @@ def make_case(rng, group, head_dim, block_size, context_lens, dtype, num_kv_head
     )
 
 
-def reference(q, k_pool, v_pool, tables, context_lens, scale):
-    """float64 numpy: gather each sequence's tokens, softmax(q.k * scale) @ v per head."""
+def reference(q, k_pool, v_pool, tables, context_lens, scale, window=None, softcap=None, sinks=None):
+    """float64 numpy: gather each sequence's tokens (the last ``window`` of them), softmax(q.k *
+    scale, softcapped; a sink logit per head in the denominator) @ v per head."""
     q, k_pool, v_pool = (np.array(a.astype(mx.float32), np.float64) for a in (q, k_pool, v_pool))
     tables, context_lens = np.array(tables), np.array(context_lens)
+    sinks = None if sinks is None else np.array(sinks, np.float64)
     batch, num_q_heads, _ = q.shape
     num_kv_heads, block_size = k_pool.shape[0], k_pool.shape[2]
     group = num_q_heads // num_kv_heads
     out = np.zeros(q.shape)
     for b in range(batch):
-        t = np.arange(min(context_lens[b], tables.shape[1] * block_size))  # the kernel clamps too
+        end = min(context_lens[b], tables.shape[1] * block_size)  # the kernel clamps too
+        t = np.arange(max(0, end - window) if window else 0, end)
         if not len(t):
             continue
         slot = (tables[b, t // block_size], t % block_size)
@@ -74,8 +77,12 @@ def reference(q, k_pool, v_pool, tables, context_lens, scale):
         values = v_pool[:, slot[0], slot[1]].transpose(1, 0, 2)
         for h in range(num_q_heads):
             scores = keys[:, h // group] @ q[b, h] * scale
-            p = np.exp(scores - scores.max())
-            out[b, h] = (p / p.sum()) @ values[:, h // group]
+            if softcap:
+                scores = softcap * np.tanh(scores / softcap)
+            top = scores.max() if sinks is None else max(scores.max(), sinks[h])
+            p = np.exp(scores - top)
+            total = p.sum() + (0.0 if sinks is None else np.exp(sinks[h] - top))
+            out[b, h] = (p / total) @ values[:, h // group]
     return out
 
 
@@ -84,7 +91,8 @@ def numpy_of(a: mx.array) -> np.ndarray:
     return np.array(a.view(mx.uint16)) if a.dtype == mx.bfloat16 else np.array(a)
 
 
-def emulate(case, scale, partitions=None, source=None, merge_source=None, sanitizer=None, views=None):
+def emulate(case, scale, partitions=None, source=None, merge_source=None, sanitizer=None, views=None,
+            window=None, softcap=None, sinks=None):
     """Run both kernels' generated MSL on the CPU; returns (pass-1 result, pass-2 result,
     o_part, ml_part, out as float32, the pass-1 launch)."""
     q, k_pool, v_pool, tables, context_lens = case
@@ -93,14 +101,16 @@ def emulate(case, scale, partitions=None, source=None, merge_source=None, saniti
              else build_merge_kernel())
 
     def pass1(*args):
-        return paged_attention_partials(*args, scale, partitions=partitions, kernel=kernel, verbose=True)
+        return paged_attention_partials(*args, scale, window=window, softcap=softcap, partitions=partitions,
+                                        kernel=kernel, verbose=True)
 
-    config = launch_config(q, k_pool, tables, partitions)
+    config = launch_config(q, k_pool, tables, partitions, window)
     inputs = {
         "q": numpy_of(q), "k_pool": numpy_of(k_pool), "v_pool": numpy_of(v_pool),
         "block_tables": np.array(tables), "context_lens": np.array(context_lens),
         "scale": np.array(scale, np.float32),
         "blocks_per_part": np.array(config["blocks_per_part"], np.int32),
+        "window": np.array(window or 0, np.int32), "softcap": np.array(softcap or 0.0, np.float32),
     } | (views or {})  # numpy views stand for inputs MLX passes uncopied, with their strides
     # Poisoned outputs: every element a kernel owes must be overwritten.
     partials = {name: np.full(shape, np.nan, np.float32)
@@ -109,29 +119,32 @@ def emulate(case, scale, partitions=None, source=None, merge_source=None, saniti
                 config["threadgroup"], ENV)
     o_part, ml_part = mx.array(partials["o_part"]), mx.array(partials["ml_part"])
 
-    def pass2(o, ml):
-        return merge_partitions(o, ml, q.dtype, kernel=merge, verbose=True)
+    sink_logits = mx.full((q.shape[1],), -mx.inf) if sinks is None else sinks.astype(mx.float32)
+
+    def pass2(o, ml, s):
+        return merge_partitions(o, ml, q.dtype, s, kernel=merge, verbose=True)
 
     merged = merge_config(o_part, q.dtype)
     poison = numpy_of(mx.full(merged["output_shapes"][0], mx.nan, dtype=q.dtype))
     out = {"out": poison}
-    second = run(build(capture_msl(pass2, o_part, ml_part), sanitizer),
-                 {"o_part": partials["o_part"], "ml_part": partials["ml_part"]}, out,
-                 merged["grid"], merged["threadgroup"], ENV)
+    second = run(build(capture_msl(pass2, o_part, ml_part, sink_logits), sanitizer),
+                 {"o_part": partials["o_part"], "ml_part": partials["ml_part"],
+                  "sinks": np.array(sink_logits)}, out, merged["grid"], merged["threadgroup"], ENV)
     result = mx.array(out["out"])
     result = result.view(mx.bfloat16) if q.dtype == mx.bfloat16 else result
     return first, second, partials["o_part"], partials["ml_part"], np.array(result.astype(mx.float32)), config
 
 
-def check(case, dtype, partitions=None, **kw):
+def check(case, dtype, partitions=None, window=None, softcap=None, sinks=None, **kw):
     scale = case[0].shape[-1] ** -0.5
-    first, second, o_part, ml_part, out, config = emulate(case, scale, partitions, **kw)
+    variants = dict(window=window, softcap=softcap, sinks=sinks)
+    first, second, o_part, ml_part, out, config = emulate(case, scale, partitions, **variants, **kw)
     assert first.returncode == 0, first.stderr[-3000:]
     assert second.returncode == 0, second.stderr[-3000:]
     assert not np.isnan(o_part).any(), "pass 1 left output elements unwritten"
     assert not np.isnan(ml_part[..., 1]).any()
     assert not np.isnan(out).any(), "pass 2 left output elements unwritten (or wrote NaN)"
-    expected = reference(*case, scale)
+    expected = reference(*case, scale, **variants)
     np.testing.assert_allclose(out, expected, atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
     return config
 
@@ -233,6 +246,40 @@ def test_long_context(group):
     check(case, mx.float32)
 
 
+@pytest.mark.parametrize("window", [1, 15, 16, 17, 40, 100, 5000])
+@pytest.mark.parametrize("block_size", [8, 16])
+def test_sliding_window(window, block_size):
+    """Windows inside one block, at a block's edge, over several blocks and partitions, and wider
+    than every context (the whole context); contexts at block edges, past the table, and 0."""
+    rng = np.random.default_rng([window, block_size])
+    contexts = [1, block_size, block_size + 1, 3 * block_size - 1, 200, WIDTH * block_size + 40, 0, 77]
+    case = make_case(rng, 2, 64, block_size, contexts, mx.float32, width=WIDTH)
+    config = check(case, mx.float32, window=window)
+    assert config["blocks_per_part"] * config["output_shapes"][0][2] >= min(WIDTH, -(-window // block_size) + 1)
+
+
+@pytest.mark.parametrize("partitions", [1, 3, 8])
+def test_window_over_run_time_and_forced_partitions(partitions):
+    rng = np.random.default_rng([partitions, 11])
+    case = make_case(rng, 4, 128, 16, [500, 33, 300, 1], mx.float32, width=40)
+    check(case, mx.float32, partitions=partitions, window=130)
+    check(case, mx.float32, window=130)  # the launcher's own choice over the window's blocks
+
+
+@pytest.mark.parametrize("dtype", [mx.float32, mx.float16, mx.bfloat16], ids=["fp32", "fp16", "bf16"])
+def test_softcap_and_sinks(dtype):
+    """Gemma 2's softcap on every score, gpt-oss's sinks in the merge, with a window (gpt-oss's
+    sliding layers have all three but softcap), one partition and several."""
+    rng = np.random.default_rng([7, dtype.size])
+    case = make_case(rng, 4, 64, 16, [1, 17, 300, 0, 150], dtype, width=24)
+    case = (case[0] * 4, *case[1:])  # large scores, so the cap binds
+    sinks = mx.array(rng.standard_normal(8).astype(np.float32) * 2)
+    for partitions in (1, 4):
+        check(case, dtype, partitions=partitions, softcap=5.0)
+        check(case, dtype, partitions=partitions, sinks=sinks)
+        check(case, dtype, partitions=partitions, window=50, sinks=sinks, softcap=30.0)
+
+
 def _mutated(old: str, new: str, path=None) -> str:
     source = kernel_source(path) if path else kernel_source()
     assert old in source, f"the mutation target {old!r} is gone from the kernel"
@@ -272,6 +319,40 @@ def test_mutation_merge_ignoring_a_partition_weight_is_caught():
     case = make_case(rng, 2, 64, 16, [300, 200, 3], mx.float32, width=24)
     with pytest.raises(AssertionError):
         check(case, mx.float32, partitions=4, merge_source=source)
+
+
+def test_mutation_window_off_by_one_is_caught():
+    source = _mutated("metal::max(0, context_len - window)", "metal::max(0, context_len - window - 1)")
+    rng = np.random.default_rng(5)
+    case = make_case(rng, 2, 64, 16, [300, 200, 40], mx.float32, width=24)
+    with pytest.raises(AssertionError):
+        check(case, mx.float32, source=source, window=50)
+
+
+def test_mutation_window_partitions_from_the_table_start_are_caught():
+    """Partitions laid over the table's first blocks, not the window's: the window is not read."""
+    source = _mutated("first_token / BS + part * blocks_per_part", "part * blocks_per_part")
+    rng = np.random.default_rng(6)
+    case = make_case(rng, 2, 64, 16, [300, 200, 40], mx.float32, width=24)
+    with pytest.raises(AssertionError):
+        check(case, mx.float32, source=source, window=50)
+
+
+def test_mutation_softcap_skipped_is_caught():
+    source = _mutated("if (softcap > 0.0f) {", "if (softcap < 0.0f) {")
+    rng = np.random.default_rng(7)
+    q, *rest = make_case(rng, 2, 64, 16, [300, 200, 40], mx.float32, width=24)
+    with pytest.raises(AssertionError):
+        check((q * 4, *rest), mx.float32, source=source, softcap=5.0)
+
+
+def test_mutation_sink_left_out_of_the_denominator_is_caught():
+    source = _mutated("float total = sink > -INFINITY ? metal::fast::exp(sink - m_all) : 0.0f;",
+                      "float total = 0.0f;", MERGE_SOURCE_PATH)
+    rng = np.random.default_rng(8)
+    case = make_case(rng, 2, 64, 16, [300, 200, 40], mx.float32, width=24)
+    with pytest.raises(AssertionError):
+        check(case, mx.float32, merge_source=source, sinks=mx.ones(8))
 
 
 @pytest.mark.sanitizer

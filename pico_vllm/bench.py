@@ -5,14 +5,19 @@ same number of tokens), on the same weights:
 
 - ``pico-vllm``: this engine, decode steps through captured graphs;
 - ``pico-vllm eager``: the same with ``enforce_eager=True``;
+- ``pico-vllm mlx-lm``: this engine running mlx-lm's model code through the paged adapter
+  (``models/mlx_lm_adapter.py``) instead of our own model file: what every other architecture
+  runs on (not in the default selection);
 - ``mlx-lm batch``: mlx-lm's continuous-batching ``BatchGenerator``;
 - ``mlx-lm sequential``: mlx-lm's ``generate_step``, one request after the other (naive serving).
 
 Workloads: ``mixed`` (many requests, prompt and output lengths uniform in ranges: nano-vllm's
 bench shape, scaled to a laptop), ``shared-prefix`` (requests sharing a long system prompt),
-``single`` (one stream), and ``online`` (Poisson arrivals in real time through ``LLMEngine``,
+``single`` (one stream), ``online`` (Poisson arrivals in real time through ``LLMEngine``,
 reporting vLLM's ``bench serve`` metrics — TTFT, TPOT, ITL — over a sweep of rates; the
-pico-vllm engines only). The table gives tokens/s, each engine's ratio to the two mlx-lm
+pico-vllm engines only), and ``steps`` (a decode step at batch 1 and 8 and a 512-token prefill,
+timed on each pico-vllm engine in turn, repeated: the model code's own speed; not in the
+default selection). The table gives tokens/s, each engine's ratio to the two mlx-lm
 baselines, and the fraction of this machine's peak matmul FLOP/s (measured in the same run) the
 engine achieved.
 
@@ -28,8 +33,12 @@ from pathlib import Path
 
 import numpy as np
 
-ENGINES = ("pico-vllm", "pico-vllm eager", "mlx-lm batch", "mlx-lm sequential")
-WORKLOADS = ("mixed", "shared-prefix", "single", "online")
+ENGINES = ("pico-vllm", "pico-vllm eager", "pico-vllm mlx-lm", "mlx-lm batch", "mlx-lm sequential")
+WORKLOADS = ("mixed", "shared-prefix", "single", "online", "steps")
+# What a bare `pico-vllm bench` (and `make run`) runs: the comparisons with mlx-lm.
+DEFAULT_ENGINES = ("pico-vllm", "pico-vllm eager", "mlx-lm batch", "mlx-lm sequential")
+DEFAULT_WORKLOADS = ("mixed", "shared-prefix", "single", "online")
+PICO_ONLY = ("online", "steps")  # workloads that run on the pico-vllm engines only
 
 
 @dataclass
@@ -59,7 +68,7 @@ class Result:
 
     @property
     def tokens_per_second(self) -> float:
-        return self.output_tokens / self.seconds
+        return self.output_tokens / self.seconds if self.seconds else 0.0
 
 
 def make_workload(name: str, vocab_size: int, quick: bool, seed: int = 0) -> Workload:
@@ -87,9 +96,10 @@ def make_workload(name: str, vocab_size: int, quick: bool, seed: int = 0) -> Wor
 
 def check_selection(workloads: list[str], engines: list[str]) -> None:
     """ValueError for a selection that would measure nothing (before any model is loaded)."""
-    if "online" in workloads and not any(e.startswith("pico-vllm") for e in engines):
-        raise ValueError("the online workload runs on the pico-vllm engines only: add "
-                         "--engine pico-vllm (or 'pico-vllm eager')")
+    for name in PICO_ONLY:
+        if name in workloads and not any(e.startswith("pico-vllm") for e in engines):
+            raise ValueError(f"the {name} workload runs on the pico-vllm engines only: add "
+                             "--engine pico-vllm (or 'pico-vllm eager', 'pico-vllm mlx-lm')")
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -103,7 +113,7 @@ def format_table(results: list[Result], facts: dict) -> str:
     by_key = {(r.workload, r.engine): r for r in results}
     flops_per_token = 2 * facts["parameters"]
     lines = []
-    offline = [r for r in results if r.workload != "online"]
+    offline = [r for r in results if r.workload not in PICO_ONLY]
     if offline:
         lines.append(f"{'workload':<14} {'engine':<18} {'tok/s':>8} {'vs batch':>9} {'vs seq':>7} "
                      f"{'% peak':>7} {'seconds':>8}")
@@ -127,7 +137,23 @@ def format_table(results: list[Result], facts: dict) -> str:
             lines.append(f"{r.engine:<16} {m['rate']:>6.2f} {r.tokens_per_second:>8.1f} "
                          f"{m['ttft_p50']:>9.3f} {m['ttft_p99']:>7.3f} {m['tpot_p50']:>9.3f} "
                          f"{m['tpot_p99']:>7.3f} {m['itl_p50']:>8.3f} {m['itl_p99']:>7.3f}")
+    steps = [r for r in results if r.workload == "steps"]
+    if steps:
+        lines += [""] if lines else []
+        lines.append(f"{'steps engine':<18} {'decode b1 ms':>12} {'decode b8 ms':>12} {'prefill 512 ms':>14}"
+                     "  (median of repeats [min-max]; ratio to pico-vllm)")
+        base = next((r.extra for r in steps if r.engine == "pico-vllm"), None)
+        for r in steps:
+            cells = []
+            for key in STEP_KEYS:
+                low, mid, high = r.extra[key]
+                ratio = f" {mid / base[key][1]:.2f}x" if base else ""
+                cells.append(f"{mid * 1e3:.1f} [{low * 1e3:.1f}-{high * 1e3:.1f}]{ratio}")
+            lines.append(f"{r.engine:<18} " + "  ".join(cells))
     return "\n".join(lines)
+
+
+STEP_KEYS = ("decode_b1", "decode_b8", "prefill_512")
 
 
 def save(results: list[Result], facts: dict, folder: Path) -> list[Path]:
@@ -143,7 +169,7 @@ def save(results: list[Result], facts: dict, folder: Path) -> list[Path]:
     paths = [folder / "results.json"]
     paths[0].write_text(json.dumps(payload, indent=2))
 
-    offline = [r for r in results if r.workload != "online"]
+    offline = [r for r in results if r.workload not in PICO_ONLY]
     if offline:
         workloads = list(dict.fromkeys(r.workload for r in offline))
         engines = list(dict.fromkeys(r.engine for r in offline))

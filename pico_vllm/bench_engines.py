@@ -12,7 +12,15 @@ import numpy as np
 from mlx.utils import tree_flatten
 from tqdm import tqdm
 
-from pico_vllm.bench import Result, Workload, check_selection, make_workload, percentile
+from pico_vllm.bench import (
+    PICO_ONLY,
+    STEP_KEYS,
+    Result,
+    Workload,
+    check_selection,
+    make_workload,
+    percentile,
+)
 from pico_vllm.config import EngineConfig
 from pico_vllm.engine.llm_engine import LLMEngine
 from pico_vllm.loader import LoadedModel, load
@@ -88,13 +96,55 @@ def run_online(engine: LLMEngine, workload: Workload, rate: float, seed: int = 0
     }
 
 
+def run_steps(engines: dict[str, LLMEngine], vocab_size: int, repeats: int) -> dict[str, dict]:
+    """Per engine: (min, median, max) seconds of a decode step at batch 1 and at batch 8 (64-token
+    prompts, 32 steps timed after every sequence has its first token) and of a 512-token prefill
+    (one request, one token), the engines taking turns ``repeats`` times so that drift on the
+    machine touches them alike."""
+    rng = np.random.default_rng(0)
+    times: dict[str, dict[str, list[float]]] = {name: {key: [] for key in STEP_KEYS} for name in engines}
+
+    def decode_step(engine: LLMEngine, batch: int) -> float:
+        params = SamplingParams(temperature=0, max_tokens=33, ignore_eos=True)
+        ids = {engine.add_request(rng.integers(10, vocab_size, 64).tolist(), params) for _ in range(batch)}
+        started = set()
+        while started != ids:  # the prefill and each first token, untimed
+            started |= {out.request_id for out in engine.step()}
+        start = time.perf_counter()
+        while engine.has_unfinished_requests():
+            engine.step()
+        return (time.perf_counter() - start) / 32
+
+    def prefill(engine: LLMEngine) -> float:
+        params = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+        engine.add_request(rng.integers(10, vocab_size, 512).tolist(), params)
+        start = time.perf_counter()
+        while engine.has_unfinished_requests():
+            engine.step()
+        return time.perf_counter() - start
+
+    for _ in range(repeats):
+        for name, engine in engines.items():
+            times[name]["decode_b1"].append(decode_step(engine, 1))
+            times[name]["decode_b8"].append(decode_step(engine, 8))
+            times[name]["prefill_512"].append(prefill(engine))
+            engine.reset_prefix_cache()
+    return {name: {key: (min(v), float(np.median(v)), max(v)) for key, v in runs.items()}
+            for name, runs in times.items()}
+
+
 def mlx_lm_twin(loaded: LoadedModel) -> nn.Module:
-    """mlx-lm's own model class for the same config, holding the very same weight arrays."""
+    """mlx-lm's own model class for the same config, holding the very same weight arrays (a
+    model the adapter serves already is one: outside the engine it computes as mlx-lm's)."""
     import importlib
 
+    from pico_vllm.models.mlx_lm_adapter import MlxLmModel
+
+    if isinstance(loaded.model, MlxLmModel):
+        return loaded.model.model
     module = importlib.import_module(f"mlx_lm.models.{loaded.config['model_type']}")
     twin = module.Model(module.ModelArgs.from_dict(loaded.config))
-    twin.load_weights(tree_flatten(loaded.model.parameters()), strict=False)
+    twin.load_weights(tree_flatten(loaded.model.parameters()), strict=True)
     twin.set_dtype(loaded.dtype)
     mx.eval(twin.parameters())
     return twin
@@ -131,18 +181,16 @@ def benchmark(
     facts = {"model": loaded.name, "parameters": num_params,
              "peak_matmul_flops": peak_matmul_flops(loaded.config["hidden_size"]),
              "device": str(mx.default_device()), "quick": quick}
-    offline = [w for w in workloads if w != "online"]
-    online_engines = [e for e in engines if e.startswith("pico-vllm")] if "online" in workloads else []
-    used = [e for e in engines if offline or e in online_engines]
+    offline = [w for w in workloads if w not in PICO_ONLY]
+    pico_names = [e for e in engines if e.startswith("pico-vllm")]
+    used = [e for e in engines if offline or (e in pico_names and set(workloads) & set(PICO_ONLY))]
     twin = mlx_lm_twin(loaded) if {"mlx-lm batch", "mlx-lm sequential"} & set(used) else None
-    pico = {
-        name: LLMEngine(EngineConfig(model=model, max_num_seqs=max_num_seqs,
-                                     enforce_eager=name.endswith("eager")), loaded)
-        for name in used if name.startswith("pico-vllm")
-    }
+    pico = {name: LLMEngine(EngineConfig(model=model, max_num_seqs=max_num_seqs,
+                                         enforce_eager=name.endswith("eager")), pico_model(name, loaded))
+            for name in used if name.startswith("pico-vllm")}
     runners: dict[str, Callable[[Workload], tuple[float, int]]] = {
-        "pico-vllm": lambda w: run_pico(pico["pico-vllm"], w),
-        "pico-vllm eager": lambda w: run_pico(pico["pico-vllm eager"], w),
+        name: (lambda w, e=engine: run_pico(e, w)) for name, engine in pico.items()
+    } | {
         "mlx-lm batch": lambda w: run_mlx_lm_batch(twin, w, max_num_seqs),
         "mlx-lm sequential": lambda w: run_mlx_lm_sequential(twin, w),
     }
@@ -162,6 +210,7 @@ def benchmark(
                 pico[engine].reset_prefix_cache()
         seconds, produced = runners[engine](workload)
         results.append(Result(workload_name, engine, seconds, workload.prompt_tokens, produced))
+    online_engines = pico_names if "online" in workloads else []
     online_jobs = [(e, rate) for e in online_engines for rate in rates]
     workload = make_workload("mixed", vocab, quick, seed=1)
     for engine in online_engines:
@@ -171,4 +220,19 @@ def benchmark(
         metrics = run_online(pico[engine], workload, rate)
         results.append(Result("online", engine, metrics.pop("seconds"),
                               workload.prompt_tokens, workload.output_tokens, metrics))
+    if "steps" in workloads:
+        steps = run_steps({name: pico[name] for name in pico_names}, vocab, repeats=3 if quick else 7)
+        results += [Result("steps", name, 0.0, 0, 0, extra) for name, extra in steps.items()]
     return results, facts
+
+
+def pico_model(engine: str, loaded: LoadedModel) -> LoadedModel:
+    """What a pico-vllm engine of the bench runs: the loaded model, or for ``pico-vllm mlx-lm``
+    mlx-lm's own model class on the same weight arrays, behind the paged adapter."""
+    from pico_vllm.models.mlx_lm_adapter import MlxLmModel
+
+    if engine != "pico-vllm mlx-lm" or isinstance(loaded.model, MlxLmModel):
+        return loaded
+    from dataclasses import replace
+
+    return replace(loaded, model=MlxLmModel(mlx_lm_twin(loaded), loaded.config["model_type"]))

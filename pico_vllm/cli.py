@@ -17,7 +17,15 @@ import time
 from pathlib import Path
 
 from pico_vllm import __version__
-from pico_vllm.bench import ENGINES, WORKLOADS, check_selection, format_table, save
+from pico_vllm.bench import (
+    DEFAULT_ENGINES,
+    DEFAULT_WORKLOADS,
+    ENGINES,
+    WORKLOADS,
+    check_selection,
+    format_table,
+    save,
+)
 from pico_vllm.config import EngineConfig
 from pico_vllm.outputs import RequestOutput
 from pico_vllm.sampling_params import MAX_LOGPROBS, SamplingParams
@@ -114,9 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=defaults)
     bench.add_argument("--model", default=None, help=model_help)
     bench.add_argument("--workload", action="append", choices=WORKLOADS, default=None,
-                       help="workload to run (repeatable; default: all)")
+                       help="workload to run (repeatable; default: all but steps)")
     bench.add_argument("--engine", action="append", choices=ENGINES, default=None,
-                       help="engine to run (repeatable; default: all)")
+                       help="engine to run (repeatable; default: all but 'pico-vllm mlx-lm')")
     bench.add_argument("--quick", action="store_true", help="small workloads (the `make run` sandbox)")
     bench.add_argument("--rates", default=None,
                        help="online request rates per second, comma-separated "
@@ -272,7 +280,7 @@ def run_bench(args: argparse.Namespace) -> None:
         raise ValueError(f"--rates must be positive and finite, got {args.rates!r}")
     if args.max_num_seqs < 1:
         raise ValueError(f"--max-num-seqs must be >= 1, got {args.max_num_seqs}")
-    workloads, engines = args.workload or list(WORKLOADS), args.engine or list(ENGINES)
+    workloads, engines = args.workload or list(DEFAULT_WORKLOADS), args.engine or list(DEFAULT_ENGINES)
     check_selection(workloads, engines)
     from pico_vllm.bench_engines import benchmark  # MLX: only once the arguments are good
 

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
-from pico_vllm.bench import ENGINES
+from pico_vllm.bench import DEFAULT_ENGINES
 from pico_vllm.cli import main as cli_main
 
 
@@ -19,8 +20,9 @@ def test_bench_runs_every_engine_on_the_same_requests(random_model, tmp_path, ca
                      "--output", str(out)])
     assert code == 0
     printed = capsys.readouterr().out
-    for engine in ENGINES:
+    for engine in DEFAULT_ENGINES:
         assert engine in printed
+    assert "pico-vllm mlx-lm" not in printed  # not in the default selection
     assert "TTFT p50" in printed and "results.json" in printed
 
     payload = json.loads((out / "results.json").read_text())
@@ -28,7 +30,7 @@ def test_bench_runs_every_engine_on_the_same_requests(random_model, tmp_path, ca
     results = payload["results"]
     for workload in ("mixed", "single"):
         rows = [r for r in results if r["workload"] == workload]
-        assert sorted(r["engine"] for r in rows) == sorted(ENGINES)
+        assert sorted(r["engine"] for r in rows) == sorted(DEFAULT_ENGINES)
         assert len({r["output_tokens"] for r in rows}) == 1  # every engine made the same tokens
         assert rows[0]["output_tokens"] > 0
         assert all(r["tokens_per_second"] > 0 for r in rows)
@@ -76,3 +78,29 @@ def test_an_online_only_run_warms_up_and_measures_each_rate_from_a_cold_prefix_c
 def test_bench_rejects_an_online_run_without_a_pico_vllm_engine(capsys):
     assert cli_main(["bench", "--workload", "online", "--engine", "mlx-lm batch"]) == 2
     assert "the online workload runs on the pico-vllm engines only" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_the_steps_workload_times_our_model_file_against_mlx_lm_code_on_the_same_weights(
+        random_model, tmp_path, capsys):
+    """Decode at batch 1 and 8 and a 512-token prefill, for our own file's engine and the adapter
+    engine (mlx-lm's model class on the same arrays), with each one's ratio to our file."""
+    model = random_model("llama", head_dim=32, vocab_size=512)
+    code = cli_main(["bench", "--model", str(model), "--quick", "--workload", "steps", "--engine",
+                     "pico-vllm", "--engine", "pico-vllm mlx-lm", "--output", str(tmp_path)])
+    assert code == 0
+    printed = capsys.readouterr().out
+    table = printed.split("steps engine")[1].splitlines()
+    assert "decode b1 ms" in table[0] and "prefill 512 ms" in table[0]
+    assert table[1].startswith("pico-vllm ") and table[1].count("1.00x") == 3  # our file against itself
+    assert table[2].startswith("pico-vllm mlx-lm") and len(re.findall(r"\d\.\d\dx", table[2])) == 3
+    results = json.loads((tmp_path / "results.json").read_text())["results"]
+    assert [r["engine"] for r in results] == ["pico-vllm", "pico-vllm mlx-lm"]
+    for r in results:
+        assert set(r["extra"]) == {"decode_b1", "decode_b8", "prefill_512"}
+        assert all(0 < low <= mid <= high for low, mid, high in r["extra"].values())
+
+
+def test_bench_rejects_steps_without_a_pico_vllm_engine(capsys):
+    assert cli_main(["bench", "--workload", "steps", "--engine", "mlx-lm batch"]) == 2
+    assert "the steps workload runs on the pico-vllm engines only" in capsys.readouterr().err

@@ -87,3 +87,26 @@ def draw_steps(ax: Axes, steps: list[dict], budget: int, title: str) -> None:
     ax.set_ylabel("tokens computed in the step")
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=7, loc="upper right")
+
+
+def draw_group_tables(ax: Axes, tables: list[list[int]], windows: tuple, no_block: int) -> None:
+    """One row per layer group: each block-table entry as a cell, coloured when the group holds
+    a block there (its id printed), white when a sliding group gave the block back."""
+    for row, (table, window) in enumerate(zip(tables, windows)):
+        for col, block_id in enumerate(table):
+            held = block_id != no_block
+            colour = PALETTE[0] if window is None else PALETTE[1]
+            ax.add_patch(Rectangle((col, -row), 0.95, 0.9, facecolor=colour if held else "white",
+                                   edgecolor="grey"))
+            if held:
+                ax.text(col + 0.47, -row + 0.45, str(block_id), ha="center", va="center", fontsize=7,
+                        color="white")
+    ax.set_xlim(0, max(len(t) for t in tables))
+    ax.set_ylim(-len(tables) + 1, 1)
+    labels = [f"group {g}: " + ("global" if w is None else f"window {w}") for g, w in enumerate(windows)]
+    ax.set_yticks([-r + 0.45 for r in range(len(tables))], labels)
+    ax.set_xlabel("block index in the sequence (block_size tokens each)")
+    ax.legend(handles=[Patch(color=PALETTE[1], label="held by a sliding group"),
+                       Patch(color=PALETTE[0], label="held by the global group"),
+                       Patch(facecolor="white", edgecolor="grey", label="given back (NO_BLOCK)")],
+              loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)

@@ -82,16 +82,17 @@ async def one_stream(client: httpx.AsyncClient, index: int, leaves_early: bool, 
 
 
 async def run_load(base: str, streams: int, leave_every: int | None = 5, max_tokens: int = 32,
-                   model: str | None = None, headers: dict | None = None) -> tuple[list[StreamResult], float]:
+                   model: str | None = None, headers: dict | None = None,
+                   leaving_tokens: int | None = None) -> tuple[list[StreamResult], float]:
     """``streams`` concurrent completion streams; every ``leave_every``-th (none if None) hangs up
-    after two chunks (and asks for 4x the tokens, so that it surely is mid-stream). Returns the
-    results and the wall time."""
+    after two chunks (and asks for ``leaving_tokens``, by default 4x the tokens, so that it surely
+    is mid-stream). Returns the results and the wall time."""
     limits = httpx.Limits(max_connections=streams, max_keepalive_connections=0)
     async with httpx.AsyncClient(base_url=base, limits=limits, timeout=120, headers=headers) as client:
         started = time.monotonic()
         leaves = [leave_every is not None and i % leave_every == 0 for i in range(streams)]
         results = await asyncio.gather(*(
-            one_stream(client, i, leave, max_tokens * (4 if leave else 1), model)
+            one_stream(client, i, leave, (leaving_tokens or 4 * max_tokens) if leave else max_tokens, model)
             for i, leave in enumerate(leaves)))
         return list(results), time.monotonic() - started
 

@@ -9,7 +9,8 @@ from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.utils import load as mlx_lm_load
 from model_factory import make_random_model
 
-from pico_vllm.layers.attention import AttentionMetadata, KVCache, PrefillChunk
+from pico_vllm.layers.attention import AttentionMetadata, PrefillChunk
+from pico_vllm.layers.kv_cache import KVCache
 from pico_vllm.models import load_model_dir
 
 BS = 8
@@ -20,12 +21,12 @@ def metadata(positions: list[int], table: list[int], decode: bool) -> AttentionM
     blocks = np.array(table)[pos // BS]
     context = positions[-1] + 1
     tables = mx.array(np.array(table[: -(-context // BS)], np.int32))
-    return AttentionMetadata(
-        slot_blocks=mx.array(blocks.astype(np.int32)),
+    return AttentionMetadata(  # one layer group: every layer attends over the whole context
+        slot_blocks=mx.array(blocks.astype(np.int32))[None],
         slot_offsets=mx.array((pos % BS).astype(np.int32)),
-        block_tables=tables[None] if decode else mx.zeros((0, 1), mx.int32),
+        block_tables=tables[None, None] if decode else mx.zeros((1, 0, 1), mx.int32),
         context_lens=mx.array([context], mx.int32) if decode else mx.zeros((0,), mx.int32),
-        prefills=() if decode else (PrefillChunk(0, len(positions), context, tables),),
+        prefills=() if decode else (PrefillChunk(0, len(positions), context, tables[None]),),
     )
 
 

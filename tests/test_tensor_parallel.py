@@ -72,6 +72,34 @@ def test_two_ranks_decode_what_one_process_decodes_with_half_the_heads_and_weigh
             assert report["param_bytes"] == replicated + sharded // 2
 
 
+@pytest.mark.slow
+def test_mlx_lm_models_split_with_their_own_shard_through_the_adapter(random_model, tmp_path):
+    """Qwen3-MoE (experts split) and gpt-oss (sinks split by head, windowed layers in their own
+    layer group) run mlx-lm's own Model.shard(); two ranks decode what one process decodes."""
+    models = [random_model("qwen3_moe", head_dim=32, num_attention_heads=4, num_key_value_heads=2),
+              random_model("gpt_oss", head_dim=32, num_attention_heads=4, num_key_value_heads=2)]
+    specs = [{"model": str(m), "engine": ENGINE, "prompts": PROMPTS, "max_tokens": 16} for m in models]
+    result = launch_worker(tmp_path, specs)
+    assert result.returncode == 0, result.stderr[-4000:]
+    ranks = [json.loads((tmp_path / f"out.rank{r}.json").read_text()) for r in (0, 1)]
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    for i, model in enumerate(models):
+        single = LLM(str(model), **ENGINE)
+        assert type(single.engine.model).__name__ == "MlxLmModel"
+        expected = [o.token_ids for o in single.generate(PROMPTS, params, use_tqdm=False)]
+        for rank in ranks:
+            assert rank[i]["tokens"] == expected, f"{model.name}: tokens differ from one process"
+            assert rank[i]["kv_heads"] * 2 == single.engine.runner.cache.state[0].shape[0]
+
+
+def test_an_mlx_lm_model_without_a_shard_method_cannot_be_split(random_model):
+    from pico_vllm.models import load_model_dir
+
+    model, _ = load_model_dir(random_model("mixtral", head_dim=32))
+    with pytest.raises(ValueError, match="mlx-lm's 'mixtral' model has no shard\\(\\): it cannot be split"):
+        model.shard(None)
+
+
 @pytest.mark.parametrize("heads,kv_heads,message", [
     (6, 3, "tensor_parallel_size 2 does not divide the model's num_key_value_heads (3)"),
     (4, 1, "tensor_parallel_size 2 is more than the model's num_key_value_heads (1)"),

@@ -2,18 +2,30 @@
 
 The pool has ``num_blocks`` blocks of ``block_size`` token slots. A block is in exactly one of:
 
-- **in use**: ``ref_count > 0`` — listed in the block table of that many sequences;
+- **in use**: ``ref_count > 0`` — listed in the block tables of that many sequences;
 - **free**: never held a full, cached block (or its cache entry was evicted);
 - **evictable**: unused, but it still holds a full block registered in the prefix cache, so a
   later request with the same prefix can take it back without recomputing. When no free block
   is left, the least recently used evictable block is recycled.
+
+**Layer groups** (vLLM's hybrid KV-cache manager). The model's layers come in groups of equal
+size that attend alike (``KVCache``): one group for a model whose layers all see the whole
+context; for Gemma 3's 5 sliding-window layers to 1 global, several. A block id holds one slot
+per layer of *one* group, so every group draws blocks from the same pool, and each sequence has
+one block table per group. A group with a sliding window gives its blocks back as soon as every
+query still to come attends past them (the table keeps its positions: the entry becomes
+``NO_BLOCK``), so it holds about ``window / block_size`` blocks however long the sequence grows,
+while full-attention groups keep theirs. Admission and preemption count every group's blocks.
 
 Prefix caching identifies a full block by a SHA-256 digest of its parent block's digest and its
 own token ids: chaining makes equal digests mean equal *prefixes*, not just equal blocks. Tenants
 share this cache, so a hit must be exact whatever the digest: a hit is verified against the
 block's stored token ids *and* its parent's digest, so by induction over the chain the whole
 prefix is equal (a collision can cost a miss, never serve another prefix's K/V — the hole vLLM
-closed after CVE-2025-25183, where Python's ``hash`` identified blocks).
+closed after CVE-2025-25183, where Python's ``hash`` identified blocks). Each group caches its
+own blocks under the same digests; a prefix of ``k`` blocks is a hit when every group holds what
+its layers read from it: all ``k`` blocks for a full group, the blocks of the last ``window``
+tokens for a sliding one.
 """
 
 from __future__ import annotations
@@ -24,7 +36,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pico_vllm.engine.sequence import PLACEHOLDER, Sequence
+from pico_vllm.engine.sequence import NO_BLOCK, PLACEHOLDER, Sequence
 
 
 @dataclass
@@ -34,6 +46,7 @@ class Block:
     hash: bytes | None = None  # digest, set once the block is full and computed
     token_ids: tuple[int, ...] | None = None
     parent: bytes | None = None  # the previous block's digest (None for a first block)
+    group: int = 0  # the layer group whose K/V the block holds while cached
 
 
 def block_digest(parent: bytes | None, token_ids: tuple[int, ...]) -> bytes:
@@ -42,21 +55,33 @@ def block_digest(parent: bytes | None, token_ids: tuple[int, ...]) -> bytes:
 
 
 class BlockManager:
-    """Allocates, shares and frees KV blocks; see the module docstring."""
+    """Allocates, shares and frees KV blocks; see the module docstring. ``windows`` has one
+    entry per layer group: its sliding window in tokens, or None for full attention."""
 
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
+                 windows: tuple[int | None, ...] = (None,)):
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
+        self.windows = windows
         self.blocks = [Block(i) for i in range(num_blocks)]
         self._free: deque[int] = deque(range(num_blocks))
         self._evictable: OrderedDict[int, None] = OrderedDict()  # least recently used first
-        self._cached: dict[bytes, int] = {}  # block digest -> block id
+        self._cached: dict[tuple[int, bytes], int] = {}  # (group, block digest) -> block id
 
     @property
     def num_free_blocks(self) -> int:
         """Blocks an allocation can take: free plus evictable."""
         return len(self._free) + len(self._evictable)
+
+    def blocks_needed(self, num_tokens: int, chunk: int) -> int:
+        """The most blocks one sequence of ``num_tokens`` tokens ever holds, computed in chunks of
+        up to ``chunk`` tokens: a sliding group holds its window plus the chunk being written."""
+        total = 0
+        for window in self.windows:
+            span = num_tokens if window is None else min(num_tokens, window + chunk)
+            total += min(-(-num_tokens // self.block_size), -(-span // self.block_size) + 1)
+        return total
 
     def share_cached_prefix(self, seq: Sequence) -> None:
         """Give a newly admitted ``seq`` the cached blocks of its longest cached prefix.
@@ -64,66 +89,70 @@ class BlockManager:
         At least one token is always left to compute (the step must produce logits), so a
         cached block is never written again.
         """
-        assert not seq.block_table and seq.num_computed_tokens == 0
+        assert not any(seq.block_tables) and seq.num_computed_tokens == 0
+        seq.block_tables = [[] for _ in self.windows]  # one per group
         if not self.enable_prefix_caching:
             return
-        max_hits = (seq.num_tokens - 1) // self.block_size
-        parent = None
-        for i in range(max_hits):
-            tokens = self._tokens_of_block(seq, i)
-            block_id = self._cached.get(block_digest(parent, tokens))
-            if block_id is None:
+        self._hash_full_blocks(seq)
+        max_hits = min((seq.num_tokens - 1) // self.block_size, len(seq.block_hashes))
+        hits = [[self._lookup(seq, g, i) for i in range(max_hits)] for g in range(len(self.windows))]
+        for k in range(max_hits, 0, -1):  # the longest prefix every group can serve
+            if all(None not in hits[g][self._first_read(g, k * self.block_size) : k]
+                   for g in range(len(self.windows))):
                 break
-            block = self.blocks[block_id]
-            if block.token_ids != tokens or block.parent != parent:
-                break  # a digest collision: this block holds another prefix
-            self._acquire(block_id)
-            seq.block_table.append(block_id)
-            parent = self.blocks[block_id].hash
-        seq.num_computed_tokens = seq.num_cached_tokens = len(seq.block_table) * self.block_size
+        else:
+            k = 0
+        for g, table in enumerate(seq.block_tables):
+            first = self._first_read(g, k * self.block_size)
+            table += [NO_BLOCK] * first
+            for block_id in hits[g][first:k]:
+                self._acquire(block_id)
+                table.append(block_id)
+        seq.num_computed_tokens = seq.num_cached_tokens = k * self.block_size
 
     def allocate(self, seq: Sequence, num_tokens: int) -> bool:
-        """Grow ``seq.block_table`` to hold ``num_tokens`` tokens; all or nothing."""
-        needed = -(-num_tokens // self.block_size) - len(seq.block_table)
+        """Grow every group's block table to hold ``num_tokens`` tokens; all or nothing. First,
+        sliding groups give back the blocks that no query from ``seq.num_computed_tokens`` on
+        reads any more."""
+        if len(seq.block_tables) != len(self.windows):  # never admitted through the cache
+            assert not any(seq.block_tables)
+            seq.block_tables = [[] for _ in self.windows]
+        self._release_passed_blocks(seq)
+        size = -(-num_tokens // self.block_size)
+        needed = sum(max(0, size - len(table)) for table in seq.block_tables)
         if needed > self.num_free_blocks:
             return False
-        for _ in range(needed):
-            seq.block_table.append(self._take_free_block())
+        for table in seq.block_tables:
+            while len(table) < size:
+                table.append(self._take_free_block())
         return True
 
     def free(self, seq: Sequence) -> None:
         """Release ``seq``'s blocks. Its tail goes first, so the tail is evicted before the
         shared head of a prefix."""
-        for block_id in reversed(seq.block_table):
-            block = self.blocks[block_id]
-            block.ref_count -= 1
-            assert block.ref_count >= 0, f"double free of block {block_id}"
-            if block.ref_count == 0:
-                if block.hash is not None and self._cached.get(block.hash) == block_id:
-                    self._evictable[block_id] = None
-                else:
-                    block.hash = block.token_ids = block.parent = None
-                    self._free.append(block_id)
-        seq.block_table = []
+        for table in seq.block_tables:
+            for block_id in reversed(table):
+                if block_id != NO_BLOCK:
+                    self._release(block_id)
+        seq.block_tables = [[] for _ in self.windows]
 
     def cache_full_blocks(self, seq: Sequence) -> None:
         """Register every full, computed block of ``seq`` whose token ids are all known (no
         placeholder of a token still on its way to the host) in the prefix cache."""
         if not self.enable_prefix_caching:
             return
-        num_full = seq.num_computed_tokens // self.block_size
-        for i in range(num_full):
-            block = self.blocks[seq.block_table[i]]
-            if block.hash is not None:
-                continue  # registered earlier (or shared from the cache)
-            tokens = self._tokens_of_block(seq, i)
-            if PLACEHOLDER in tokens:
-                return  # a later call, once the token is known, registers it and what follows
-            parent = self.blocks[seq.block_table[i - 1]].hash if i else None
-            block.token_ids, block.parent = tokens, parent
-            block.hash = block_digest(parent, tokens)
-            # If another sequence computed the same prefix first, its block stays the cached one.
-            self._cached.setdefault(block.hash, block.block_id)
+        self._hash_full_blocks(seq)
+        num_full = min(seq.num_computed_tokens // self.block_size, len(seq.block_hashes))
+        for g, table in enumerate(seq.block_tables):
+            for i in range(num_full):
+                block = self.blocks[table[i]] if table[i] != NO_BLOCK else None
+                if block is None or block.hash is not None:
+                    continue  # given back, registered earlier, or shared from the cache
+                block.hash, block.group = seq.block_hashes[i], g
+                block.token_ids = self._tokens_of_block(seq, i)
+                block.parent = seq.block_hashes[i - 1] if i else None
+                # If another sequence computed the same prefix first, its block stays the cached one.
+                self._cached.setdefault((g, block.hash), block.block_id)
 
     def reset_prefix_cache(self) -> None:
         """Forget every cached block that no sequence uses (vLLM's ``reset_prefix_cache``): they
@@ -144,10 +173,54 @@ class BlockManager:
             assert in_use + (block.block_id in free) + (block.block_id in evictable) == 1, block
             if block.block_id in free:
                 assert block.hash is None
-        for block_hash, block_id in self._cached.items():
-            assert self.blocks[block_id].hash == block_hash
+        for (group, block_hash), block_id in self._cached.items():
+            assert (self.blocks[block_id].group, self.blocks[block_id].hash) == (group, block_hash)
         for block_id in evictable:
-            assert self._cached.get(self.blocks[block_id].hash) == block_id
+            block = self.blocks[block_id]
+            assert self._cached.get((block.group, block.hash)) == block_id
+
+    def _first_read(self, group: int, position: int) -> int:
+        """The first block a query at ``position`` (or any later one) reads in ``group``."""
+        window = self.windows[group]
+        return 0 if window is None else max(0, position - window + 1) // self.block_size
+
+    def _release_passed_blocks(self, seq: Sequence) -> None:
+        for g, table in enumerate(seq.block_tables):
+            for i in range(min(self._first_read(g, seq.num_computed_tokens), len(table))):
+                if table[i] != NO_BLOCK:
+                    self._release(table[i])
+                    table[i] = NO_BLOCK
+
+    def _hash_full_blocks(self, seq: Sequence) -> None:
+        """Extend ``seq.block_hashes`` over every full block whose tokens are all known."""
+        while (len(seq.block_hashes) + 1) * self.block_size <= seq.num_tokens:
+            tokens = self._tokens_of_block(seq, len(seq.block_hashes))
+            if PLACEHOLDER in tokens:
+                return  # a later call, once the token is known, hashes it and what follows
+            parent = seq.block_hashes[-1] if seq.block_hashes else None
+            seq.block_hashes.append(block_digest(parent, tokens))
+
+    def _lookup(self, seq: Sequence, group: int, index: int) -> int | None:
+        """The cached block of ``group`` holding ``seq``'s block ``index``, verified (a digest
+        collision with another prefix is a miss)."""
+        block_id = self._cached.get((group, seq.block_hashes[index]))
+        if block_id is None:
+            return None
+        block, parent = self.blocks[block_id], seq.block_hashes[index - 1] if index else None
+        if block.token_ids != self._tokens_of_block(seq, index) or block.parent != parent:
+            return None
+        return block_id
+
+    def _release(self, block_id: int) -> None:
+        block = self.blocks[block_id]
+        block.ref_count -= 1
+        assert block.ref_count >= 0, f"double free of block {block_id}"
+        if block.ref_count == 0:
+            if block.hash is not None and self._cached.get((block.group, block.hash)) == block_id:
+                self._evictable[block_id] = None
+            else:
+                block.hash = block.token_ids = block.parent = None
+                self._free.append(block_id)
 
     def _take_free_block(self) -> int:
         if self._free:
@@ -160,7 +233,7 @@ class BlockManager:
 
     def _uncache(self, block_id: int) -> None:
         block = self.blocks[block_id]
-        del self._cached[block.hash]
+        del self._cached[(block.group, block.hash)]
         block.hash = block.token_ids = block.parent = None
 
     def _acquire(self, block_id: int) -> None:

@@ -82,7 +82,7 @@ class LLMEngine:
         sampler = Sampler(self.eos_token_ids, seed=config.seed)
         self.runner = ModelRunner(self.model, config, sampler, loaded.dtype, max_model_len)
         self.config = replace(config, num_blocks=self.runner.num_blocks, max_model_len=max_model_len)
-        self.scheduler = Scheduler(self.config)
+        self.scheduler = Scheduler(self.config, self.runner.cache.layout.windows)
         if config.capture_graphs == "eager" and self.runner.graphs is not None:
             from tqdm import tqdm
 

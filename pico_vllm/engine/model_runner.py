@@ -25,8 +25,9 @@ from metal_kernels import prepare as prepare_paged_attention
 from pico_vllm.config import CPU_KV_CACHE_BYTES, EngineConfig
 from pico_vllm.engine.decode_graphs import DecodeGraphs
 from pico_vllm.engine.scheduler import SchedulerOutput
-from pico_vllm.engine.sequence import PLACEHOLDER, Sequence
-from pico_vllm.layers.attention import AttentionMetadata, KVCache, KVSpec, PrefillChunk
+from pico_vllm.engine.sequence import NO_BLOCK, PLACEHOLDER, Sequence
+from pico_vllm.layers.attention import AttentionMetadata, PrefillChunk
+from pico_vllm.layers.kv_cache import KVCache, KVSpec
 from pico_vllm.layers.sampler import PendingSamples, Sampler
 
 # Fraction of the free Metal working set the KV pool may take (the rest: activations, MLX cache).
@@ -198,19 +199,25 @@ class ModelRunner:
         logits = self.model(input_ids, positions, self.cache, meta).astype(mx.float32)
         return logits, mx.argmax(logits, axis=-1)
 
+    def _tables(self, seq: Sequence, num_blocks: int) -> np.ndarray:
+        """``seq``'s first ``num_blocks`` blocks in every layer group, ``[G, num_blocks]``; a block a
+        sliding group gave back (``NO_BLOCK``) is the scratch block, which no query reads there."""
+        tables = np.array([table[:num_blocks] for table in seq.block_tables], np.int32)
+        return np.where(tables == NO_BLOCK, self.cache.scratch_block, tables)
+
     def _decode_arrays(self, batch: list[tuple[Sequence, int]], rows: int, width: int) -> list[mx.array]:
         """The decode step's arrays, padded to ``rows`` x ``width`` with harmless rows: token 0 at
         position 0, written to the scratch block, over a context of length 0."""
-        scratch = self.cache.scratch_block
+        scratch, groups = self.cache.scratch_block, len(self.cache.layout.windows)
         ids, positions = np.zeros(rows, np.int32), np.zeros(rows, np.int32)
-        slot_blocks, slot_offsets = np.full(rows, scratch, np.int32), np.zeros(rows, np.int32)
-        tables, lengths = np.full((rows, width), scratch, np.int32), np.zeros(rows, np.int32)
+        slot_blocks, slot_offsets = np.full((groups, rows), scratch, np.int32), np.zeros(rows, np.int32)
+        tables, lengths = np.full((groups, rows, width), scratch, np.int32), np.zeros(rows, np.int32)
         for row, (seq, _) in enumerate(batch):
             position = seq.num_computed_tokens
-            table = seq.block_table[: position // self.block_size + 1]
+            table = self._tables(seq, position // self.block_size + 1)
             ids[row], positions[row], lengths[row] = seq.token_ids[position], position, position + 1
-            slot_blocks[row], slot_offsets[row] = table[-1], position % self.block_size
-            tables[row, : len(table)] = table
+            slot_blocks[:, row], slot_offsets[row] = table[:, -1], position % self.block_size
+            tables[:, row, : table.shape[1]] = table
         return [mx.array(a) for a in (ids, positions, slot_blocks, slot_offsets, tables, lengths)]
 
     def prepare(self, batch: list[tuple[Sequence, int]]) -> tuple[mx.array, mx.array, AttentionMetadata]:
@@ -218,33 +225,32 @@ class ModelRunner:
 
         ``batch`` must list single-token queries before multi-token chunks.
         """
-        bs = self.block_size
+        bs, groups = self.block_size, len(self.cache.layout.windows)
         ids, pos, slot_blocks = [], [], []
         decode_tables, decode_lens, prefills = [], [], []
         start = 0
         for seq, n in batch:
             first = seq.num_computed_tokens
             positions = np.arange(first, first + n, dtype=np.int32)
-            table = np.asarray(seq.block_table, dtype=np.int32)
+            context_len = first + n
+            table = self._tables(seq, -(-context_len // bs))
             ids.append(np.asarray(seq.token_ids[first : first + n], dtype=np.int32))
             pos.append(positions)
-            slot_blocks.append(table[positions // bs])
-            context_len = first + n
-            num_blocks = -(-context_len // bs)
+            slot_blocks.append(table[:, positions // bs])
             if n == 1:
-                decode_tables.append(table[:num_blocks])
+                decode_tables.append(table)
                 decode_lens.append(context_len)
             else:
-                prefills.append(PrefillChunk(start, n, context_len, mx.array(table[:num_blocks])))
+                prefills.append(PrefillChunk(start, n, context_len, mx.array(table)))
             start += n
 
-        max_blocks = max((len(t) for t in decode_tables), default=1)
-        block_tables = np.full((len(decode_tables), max_blocks), self.cache.scratch_block, np.int32)
+        max_blocks = max((t.shape[1] for t in decode_tables), default=1)
+        block_tables = np.full((groups, len(decode_tables), max_blocks), self.cache.scratch_block, np.int32)
         for row, table in enumerate(decode_tables):
-            block_tables[row, : len(table)] = table
+            block_tables[:, row, : table.shape[1]] = table
         positions = np.concatenate(pos)
         meta = AttentionMetadata(
-            slot_blocks=mx.array(np.concatenate(slot_blocks)),
+            slot_blocks=mx.array(np.concatenate(slot_blocks, axis=1)),
             slot_offsets=mx.array(positions % bs),
             block_tables=mx.array(block_tables),
             context_lens=mx.array(np.asarray(decode_lens, dtype=np.int32)),

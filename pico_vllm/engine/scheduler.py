@@ -45,11 +45,13 @@ class SchedulerOutput:
 class Scheduler:
     """Continuous batching over a fixed block pool (see the module docstring)."""
 
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, windows: tuple[int | None, ...] = (None,)) -> None:
+        """``windows``: each layer group's sliding window (None: full attention; see
+        ``BlockManager``)."""
         assert config.num_blocks is not None and config.max_model_len is not None
         self.config = config
         self.block_manager = BlockManager(
-            config.num_blocks, config.block_size, config.enable_prefix_caching
+            config.num_blocks, config.block_size, config.enable_prefix_caching, windows
         )
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order
@@ -69,7 +71,7 @@ class Scheduler:
                 f"prompt ({seq.num_tokens} tokens) + max_tokens ({seq.params.max_tokens}) = "
                 f"{max_len} exceeds max_model_len ({self.config.max_model_len})"
             )
-        blocks = -(-max_len // self.config.block_size)
+        blocks = self.block_manager.blocks_needed(max_len, self.config.max_num_batched_tokens)
         if blocks > self.block_manager.num_blocks:
             raise ValueError(
                 f"request needs {blocks} KV blocks for {max_len} tokens, but the pool has only "

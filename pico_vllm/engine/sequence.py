@@ -9,6 +9,9 @@ from pico_vllm.sampling_params import SamplingParams
 # The id a sampled token has between the step that computes it and the moment the host reads it
 # back (asynchronous scheduling): the next step already runs with the real id, taken on the device.
 PLACEHOLDER = -1
+# A block-table entry whose block a sliding-window group has given back: every query to come
+# attends past it (the runner points it at the scratch block, which is never read there).
+NO_BLOCK = -1
 
 
 class SequenceStatus(enum.Enum):
@@ -25,7 +28,9 @@ class SequenceStatus(enum.Enum):
 
 
 class Sequence:
-    """One request: prompt + generated tokens, and the pool blocks holding their K/V."""
+    """One request: prompt + generated tokens, and the pool blocks holding their K/V: one block
+    table per layer group (see ``BlockManager``), ``block_tables[g][i]`` holding tokens
+    ``[i * block_size, (i + 1) * block_size)`` of group ``g``'s layers."""
 
     def __init__(
         self,
@@ -39,9 +44,17 @@ class Sequence:
         self.num_prompt_tokens = len(prompt_token_ids)
         self.num_computed_tokens = 0  # tokens whose K/V is in the pool
         self.num_cached_tokens = 0  # of those, served by the prefix cache at (re)admission
-        self.block_table: list[int] = []
+        self.block_tables: list[list[int]] = [[]]
+        # SHA-256 digest of each full block whose tokens are known, chained (see BlockManager):
+        # what the prefix cache files a block under, whichever group's block it is.
+        self.block_hashes: list[bytes] = []
         self.status = SequenceStatus.WAITING
         self.finish_reason: str | None = None
+
+    @property
+    def block_table(self) -> list[int]:
+        """The first group's block table: the only one where every layer attends alike."""
+        return self.block_tables[0]
 
     @property
     def num_tokens(self) -> int:
@@ -70,5 +83,5 @@ class Sequence:
     def __repr__(self) -> str:
         return (
             f"Sequence({self.request_id!r}, {self.status.name}, tokens={self.num_tokens}, "
-            f"computed={self.num_computed_tokens}, blocks={self.block_table})"
+            f"computed={self.num_computed_tokens}, blocks={self.block_tables})"
         )

@@ -18,6 +18,7 @@ import mlx.core as mx
 
 from metal_kernels import paged_attention
 from metal_kernels.reference import softmax_attention
+from pico_vllm.layers.kv_cache import KVCache
 
 
 class PrefillChunk(NamedTuple):
@@ -26,79 +27,31 @@ class PrefillChunk(NamedTuple):
     query_start: int  # index of the chunk's first token in the flat batch
     query_len: int  # tokens in the chunk
     context_len: int  # tokens of this sequence in the pool after the step (prefix + chunk)
-    block_table: mx.array  # [ceil(context_len / block_size)] int32
+    block_table: mx.array  # [G, ceil(context_len / block_size)] int32, one row per layer group
 
 
 class AttentionMetadata(NamedTuple):
     """Where the step's tokens go in the pool and what each of them attends to.
 
-    The first ``B = block_tables.shape[0]`` tokens are single-token queries (decode steps, or a
+    The first ``B = block_tables.shape[1]`` tokens are single-token queries (decode steps, or a
     prefill chunk of one token), one per sequence, in the rows of ``block_tables`` /
-    ``context_lens``; the rest are the ``prefills``, in order. A tuple of arrays (and, for mixed
-    steps, chunk records), so a decode step's metadata can cross into ``mx.compile``.
+    ``context_lens``; the rest are the ``prefills``, in order. Blocks are per layer group
+    (``KVCache.group``: the first axis, ``G``, of the block arrays). A tuple of arrays (and, for
+    mixed steps, chunk records), so a decode step's metadata can cross into ``mx.compile``.
     """
 
-    # Each new token's pool slot, as (block, offset) arrays [T]: token i's K/V goes to
-    # pool[:, slot_blocks[i], slot_offsets[i]]. (vLLM's slot_mapping = block * block_size +
-    # offset; split once per step here, so no layer has to.)
-    slot_blocks: mx.array
-    slot_offsets: mx.array
-    block_tables: mx.array  # [B, max_blocks] int32; padding entries are never read past a context
+    # Each new token's pool slot, as (block, offset) arrays: token i's K/V goes to
+    # pool[:, slot_blocks[g, i], slot_offsets[i]] for the layers of group g. (vLLM's slot_mapping
+    # = block * block_size + offset; split once per step here, so no layer has to.)
+    slot_blocks: mx.array  # [G, T] int32
+    slot_offsets: mx.array  # [T] int32
+    block_tables: mx.array  # [G, B, max_blocks] int32; entries past a context are never read
     context_lens: mx.array  # [B] int32, the query token included; 0 marks a padding row
     prefills: tuple[PrefillChunk, ...] = ()
 
     @property
     def num_decode_tokens(self) -> int:
-        return self.block_tables.shape[0]
-
-
-class KVSpec(NamedTuple):
-    """What the KV pool must hold for a model (per rank, once tensor parallelism shards heads)."""
-
-    num_layers: int
-    num_kv_heads: int
-    head_dim: int
-    num_q_heads: int  # not held by the pool, but with it, it names the decode kernel's instance
-
-    def bytes_per_block(self, block_size: int, dtype: mx.Dtype) -> int:
-        """Bytes one block takes across all layers, keys and values."""
-        return 2 * self.num_layers * self.num_kv_heads * block_size * self.head_dim * dtype.size
-
-
-class KVCache:
-    """The paged KV pool: per layer, keys and values of shape ``[Hkv, num_blocks + 1, BS, D]``.
-
-    Head-major, so a gather of a sequence's blocks is already its dense per-head context (see
-    ``metal_kernels/reference.py``). The extra last block is the *scratch block*: no sequence
-    ever owns it, and the padding rows of a compiled decode step write there.
-
-    ``state`` is one list that lives as long as the pool: layer ``i``'s keys are ``state[i]``,
-    its values ``state[num_layers + i]``. Writes update those arrays in place (``pool[idx] = kv``
-    donates the old buffer to the scatter, so a step costs O(tokens written), never a copy of the
-    pool), which is what lets ``mx.compile`` take the list as the graph's state.
-    """
-
-    def __init__(self, spec: KVSpec, num_blocks: int, block_size: int, dtype: mx.Dtype) -> None:
-        shape = (spec.num_kv_heads, num_blocks + 1, block_size, spec.head_dim)
-        self.state = [mx.zeros(shape, dtype) for _ in range(2 * spec.num_layers)]
-        self.num_layers = spec.num_layers
-        self.block_size = block_size
-        self.scratch_block = num_blocks
-        self._heads = mx.arange(spec.num_kv_heads)[:, None]
-        mx.eval(self.state, self._heads)
-
-    def keys(self, layer: int) -> mx.array:
-        return self.state[layer]
-
-    def values(self, layer: int) -> mx.array:
-        return self.state[self.num_layers + layer]
-
-    def write(self, layer: int, k: mx.array, v: mx.array, meta: AttentionMetadata) -> None:
-        """Store ``k``/``v`` (``[T, Hkv, D]``) of the step's tokens at their slots."""
-        # Three broadcast index arrays [Hkv, 1] x [1, T] select [Hkv, T] rows of D values.
-        index = (self._heads, meta.slot_blocks[None], meta.slot_offsets[None])
-        self.state[layer][index] = k.swapaxes(0, 1)
-        self.state[self.num_layers + layer][index] = v.swapaxes(0, 1)
+        return self.block_tables.shape[1]
 
 
 class AttentionVariant(NamedTuple):
@@ -145,7 +98,7 @@ def attend(
 ) -> mx.array:
     """Attention of the step's queries ``q[T, Hq, D]`` over the pool (their own K/V already
     written): decode rows through :func:`metal_kernels.paged_attention`, then each prefill chunk."""
-    k_pool, v_pool = cache.keys(layer), cache.values(layer)
+    k_pool, v_pool, group = cache.keys(layer), cache.values(layer), cache.group(layer)
     outputs = []
     if meta.num_decode_tokens:
         outputs.append(
@@ -153,14 +106,14 @@ def attend(
                 q[: meta.num_decode_tokens],
                 k_pool,
                 v_pool,
-                meta.block_tables,
+                meta.block_tables[group],
                 meta.context_lens,
                 scale,
                 **variant._asdict(),
             )
         )
     for chunk in meta.prefills:
-        outputs.append(_prefill_attention(q, k_pool, v_pool, chunk, scale, variant))
+        outputs.append(_prefill_attention(q, k_pool, v_pool, chunk.block_table[group], chunk, scale, variant))
     return outputs[0] if len(outputs) == 1 else mx.concatenate(outputs, axis=0)
 
 
@@ -168,18 +121,20 @@ def _prefill_attention(
     q: mx.array,
     k_pool: mx.array,
     v_pool: mx.array,
+    block_table: mx.array,
     chunk: PrefillChunk,
     scale: float,
     variant: AttentionVariant,
 ) -> mx.array:
-    """Causal attention of one chunk over its sequence's cached prefix plus itself."""
+    """Causal attention of one chunk over its sequence's cached prefix plus itself (the
+    ``block_table`` of the layer's group)."""
     num_kv_heads, _, block_size, head_dim = k_pool.shape
     first_query = chunk.context_len - chunk.query_len  # the chunk's first position
     # A window hides everything before the first query's window: those blocks are not gathered.
     first_block = 0
     if variant.window is not None:
         first_block = max(0, first_query - variant.window + 1) // block_size
-    table = chunk.block_table[first_block:]
+    table = block_table[first_block:]
     first_key = first_block * block_size
     num_keys = chunk.context_len - first_key
 

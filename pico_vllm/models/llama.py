@@ -17,7 +17,8 @@ from mlx_lm.models.base import BaseModelArgs
 from mlx_lm.models.rope_utils import initialize_rope
 
 from pico_vllm.distributed import check_shardable
-from pico_vllm.layers.attention import FULL, AttentionMetadata, KVCache, KVSpec, attention
+from pico_vllm.layers.attention import FULL, AttentionMetadata, attention
+from pico_vllm.layers.kv_cache import KVCache, KVSpec
 
 
 @dataclass
@@ -191,7 +192,8 @@ class Model(nn.Module):
         """What this model's KV pool must hold: layers, KV heads (this rank's, when sharded),
         head_dim, and the query heads beside them."""
         attn = self.model.layers[0].self_attn
-        return KVSpec(self.args.num_hidden_layers, attn.num_kv_heads, self.args.head_dim, attn.num_heads)
+        return KVSpec(self.args.num_hidden_layers, attn.num_kv_heads, self.args.head_dim, attn.num_heads,
+                      self.layer_windows)
 
     @property
     def vocab_size(self) -> int:

@@ -42,7 +42,8 @@ from mlx_lm.models.base import scaled_dot_product_attention as mlx_lm_sdpa
 from mlx_lm.models.cache import KVCache as MlxLmKVCache
 from mlx_lm.models.cache import RotatingKVCache, make_prompt_cache
 
-from pico_vllm.layers.attention import AttentionMetadata, AttentionVariant, KVCache, KVSpec, attend
+from pico_vllm.layers.attention import AttentionMetadata, AttentionVariant, attend
+from pico_vllm.layers.kv_cache import KVCache, KVSpec
 
 logger = logging.getLogger("pico_vllm.models")
 
@@ -199,7 +200,8 @@ class MlxLmModel(nn.Module):
     @property
     def kv_spec(self) -> KVSpec:
         first = self.plan[0]
-        return KVSpec(len(self.plan), first.num_kv_heads, first.head_dim, first.num_q_heads)
+        return KVSpec(len(self.plan), first.num_kv_heads, first.head_dim, first.num_q_heads,
+                      self.layer_windows)
 
     @property
     def layer_windows(self) -> tuple[int | None, ...]:

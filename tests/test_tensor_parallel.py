@@ -46,29 +46,36 @@ def launch_worker(tmp_path: Path, specs: list[dict], timeout: int = 240) -> subp
     return launch([str(TESTS / "tp_worker.py"), str(spec_file), str(tmp_path / "out")], timeout)
 
 
+def two_ranks_against_one_process(tmp_path: Path, models: list[Path], max_tokens: int):
+    """Each model decoded greedily by 2 ranks and by one process: yields, per model, the
+    one-process LLM and both ranks' reports, after checking the ranks' tokens equal its own."""
+    specs = [{"model": str(m), "engine": ENGINE, "prompts": PROMPTS, "max_tokens": max_tokens}
+             for m in models]
+    result = launch_worker(tmp_path, specs)
+    assert result.returncode == 0, result.stderr[-4000:]
+    ranks = [json.loads((tmp_path / f"out.rank{r}.json").read_text()) for r in (0, 1)]
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    for i, model in enumerate(models):
+        single = LLM(str(model), **ENGINE)
+        expected = [o.token_ids for o in single.generate(PROMPTS, params, use_tqdm=False)]
+        for rank in ranks:
+            assert rank[i]["tokens"] == expected, f"{model.name}: tokens differ from one process"
+            assert rank[i]["kv_heads"] * 2 == single.engine.runner.cache.state[0].shape[0]
+        yield single, [rank[i] for rank in ranks]
+
+
 @pytest.mark.slow
 def test_two_ranks_decode_what_one_process_decodes_with_half_the_heads_and_weights(random_model, tmp_path):
     models = [random_model("llama", head_dim=32, num_attention_heads=4, num_key_value_heads=2),
               random_model("qwen2", head_dim=32, num_attention_heads=8, num_key_value_heads=4),
               random_model("qwen3", head_dim=32, num_attention_heads=4, num_key_value_heads=2)]
-    specs = [{"model": str(m), "engine": ENGINE, "prompts": PROMPTS, "max_tokens": 24} for m in models]
-    result = launch_worker(tmp_path, specs)
-    assert result.returncode == 0, result.stderr[-4000:]
-    ranks = [json.loads((tmp_path / f"out.rank{r}.json").read_text()) for r in (0, 1)]
-    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
-    for i, model in enumerate(models):
-        single = LLM(str(model), **ENGINE)
-        expected = [o.token_ids for o in single.generate(PROMPTS, params, use_tqdm=False)]
+    for single, reports in two_ranks_against_one_process(tmp_path, models, max_tokens=24):
         weights = dict(tree_flatten(single.engine.model.parameters()))
         replicated = sum(w.nbytes for name, w in weights.items() if "embed" in name or "lm_head" in name
                          or "norm" in name)
         sharded = sum(w.nbytes for w in weights.values()) - replicated
-        heads = single.engine.runner.cache.state[0].shape[0]
-        for rank in ranks:
-            report = rank[i]
-            assert report["tokens"] == expected, f"{model.name}: tokens differ from one process"
+        for report in reports:
             assert report["preemptions"] > 0  # the small pool preempted, and recomputation agreed
-            assert report["kv_heads"] * 2 == heads
             assert report["param_bytes"] == replicated + sharded // 2
 
 
@@ -78,18 +85,9 @@ def test_mlx_lm_models_split_with_their_own_shard_through_the_adapter(random_mod
     layer group) run mlx-lm's own Model.shard(); two ranks decode what one process decodes."""
     models = [random_model("qwen3_moe", head_dim=32, num_attention_heads=4, num_key_value_heads=2),
               random_model("gpt_oss", head_dim=32, num_attention_heads=4, num_key_value_heads=2)]
-    specs = [{"model": str(m), "engine": ENGINE, "prompts": PROMPTS, "max_tokens": 16} for m in models]
-    result = launch_worker(tmp_path, specs)
-    assert result.returncode == 0, result.stderr[-4000:]
-    ranks = [json.loads((tmp_path / f"out.rank{r}.json").read_text()) for r in (0, 1)]
-    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
-    for i, model in enumerate(models):
-        single = LLM(str(model), **ENGINE)
-        assert type(single.engine.model).__name__ == "MlxLmModel"
-        expected = [o.token_ids for o in single.generate(PROMPTS, params, use_tqdm=False)]
-        for rank in ranks:
-            assert rank[i]["tokens"] == expected, f"{model.name}: tokens differ from one process"
-            assert rank[i]["kv_heads"] * 2 == single.engine.runner.cache.state[0].shape[0]
+    served = list(two_ranks_against_one_process(tmp_path, models, max_tokens=16))
+    assert [type(single.engine.model).__name__ for single, _ in served] == ["MlxLmModel"] * 2
+    assert len(served[1][0].engine.runner.cache.layout.windows) == 2  # gpt-oss: two layer groups
 
 
 def test_an_mlx_lm_model_without_a_shard_method_cannot_be_split(random_model):

@@ -322,38 +322,34 @@ def test_mutation_merge_ignoring_a_partition_weight_is_caught():
         check(case, mx.float32, partitions=4, merge_source=source)
 
 
+def assert_caught(seed: int, q_scale: float = 1.0, **kw) -> None:
+    """A planted fault (``source`` / ``merge_source`` in ``kw``) fails the check of a case that
+    exercises it: three sequences over several partitions, at the variants given."""
+    q, *rest = make_case(np.random.default_rng(seed), 2, 64, 16, [300, 200, 40], mx.float32, width=24)
+    with pytest.raises(AssertionError):
+        check((q * q_scale, *rest), mx.float32, **kw)
+
+
 def test_mutation_window_off_by_one_is_caught():
     source = _mutated("metal::max(0, context_len - window)", "metal::max(0, context_len - window - 1)")
-    rng = np.random.default_rng(5)
-    case = make_case(rng, 2, 64, 16, [300, 200, 40], mx.float32, width=24)
-    with pytest.raises(AssertionError):
-        check(case, mx.float32, source=source, window=50)
+    assert_caught(5, source=source, window=50)
 
 
 def test_mutation_window_partitions_from_the_table_start_are_caught():
     """Partitions laid over the table's first blocks, not the window's: the window is not read."""
     source = _mutated("first_token / BS + part * blocks_per_part", "part * blocks_per_part")
-    rng = np.random.default_rng(6)
-    case = make_case(rng, 2, 64, 16, [300, 200, 40], mx.float32, width=24)
-    with pytest.raises(AssertionError):
-        check(case, mx.float32, source=source, window=50)
+    assert_caught(6, source=source, window=50)
 
 
 def test_mutation_softcap_skipped_is_caught():
     source = _mutated("if (softcap > 0.0f) {", "if (softcap < 0.0f) {")
-    rng = np.random.default_rng(7)
-    q, *rest = make_case(rng, 2, 64, 16, [300, 200, 40], mx.float32, width=24)
-    with pytest.raises(AssertionError):
-        check((q * 4, *rest), mx.float32, source=source, softcap=5.0)
+    assert_caught(7, q_scale=4, source=source, softcap=5.0)  # large scores, so the cap binds
 
 
 def test_mutation_sink_left_out_of_the_denominator_is_caught():
     source = _mutated("float total = sink > -INFINITY ? metal::fast::exp(sink - m_all) : 0.0f;",
                       "float total = 0.0f;", MERGE_SOURCE_PATH)
-    rng = np.random.default_rng(8)
-    case = make_case(rng, 2, 64, 16, [300, 200, 40], mx.float32, width=24)
-    with pytest.raises(AssertionError):
-        check(case, mx.float32, merge_source=source, sinks=mx.ones(8))
+    assert_caught(8, merge_source=source, sinks=mx.ones(8))
 
 
 @pytest.mark.sanitizer

@@ -17,9 +17,9 @@ class EngineConfig:
         model: Hugging Face id, local HF-format folder, or ``.gguf`` file; ``None`` picks the
             embedded SmolLM2-135M-Instruct.
         model_impl: ``"auto"`` runs our own model file where there is one for the architecture
-            (Llama, Mistral, Qwen2, Qwen3, without a sliding window) and mlx-lm's model code
-            through the paged adapter for every other; ``"pico-vllm"`` or ``"mlx-lm"`` insists
-            on one of them.
+            that applies the checkpoint's sliding window, if it has one (Llama, Mistral, Qwen2,
+            Qwen3 without a window; Gemma 2), and mlx-lm's model code through the paged adapter
+            for every other; ``"pico-vllm"`` or ``"mlx-lm"`` insists on one of them.
         dtype: ``"auto"`` computes in float32 on the CPU (fp16/bf16 matmuls are ~27x slower
             there) and keeps the checkpoint's dtype on Metal; or one of
             ``"float32" | "float16" | "bfloat16"``.

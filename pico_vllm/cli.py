@@ -116,6 +116,15 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=None, help="sampling seed (request i uses seed + i)")
     gen.add_argument("--num-requests", type=int, default=1,
                      help="run this many copies of the request concurrently; the first is streamed")
+    constraint = gen.add_mutually_exclusive_group()
+    constraint.add_argument("--json-schema", default=None,
+                            help="hold the output to this JSON schema (its JSON text, or a .json file)")
+    constraint.add_argument("--json-object", action="store_true", help="the output is a JSON object")
+    constraint.add_argument("--regex", default=None, help="the output matches this regular expression")
+    constraint.add_argument("--choice", action="append", default=None,
+                            help="the output is one of these strings (repeatable)")
+    constraint.add_argument("--grammar", default=None,
+                            help="the output is a sentence of this Lark grammar (its text, or a file)")
     add_engine_flags(gen)
 
     bench = commands.add_parser("bench", help="benchmark pico-vllm against mlx-lm on named workloads",
@@ -170,12 +179,32 @@ class _Terminal:
             self.open_line = False
 
 
+def _structured_outputs(args: argparse.Namespace) -> dict | None:
+    """The output constraint the flags ask for; a schema or grammar may be given as a file."""
+    def text_or_file(value: str) -> str:
+        path = Path(value)
+        return path.read_text() if len(value) < 4096 and path.is_file() else value
+
+    if args.json_schema is not None:
+        return {"json": text_or_file(args.json_schema)}
+    if args.json_object:
+        return {"json_object": True}
+    if args.regex is not None:
+        return {"regex": args.regex}
+    if args.choice:
+        return {"choice": args.choice}
+    if args.grammar is not None:
+        return {"grammar": text_or_file(args.grammar)}
+    return None
+
+
 def generate(args: argparse.Namespace, terminal: _Terminal) -> None:
     # Everything the user typed is checked before the model loads (which takes seconds).
     if args.num_requests < 1:
         raise ValueError(f"--num-requests must be >= 1, got {args.num_requests}")
     if args.system is not None and not args.chat:
         raise ValueError("--system needs --chat")
+    constraint = _structured_outputs(args)
     params = [
         SamplingParams(
             temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
@@ -183,6 +212,7 @@ def generate(args: argparse.Namespace, terminal: _Terminal) -> None:
             frequency_penalty=args.frequency_penalty, max_tokens=args.max_tokens,
             min_tokens=args.min_tokens, stop=args.stop, ignore_eos=args.ignore_eos,
             logprobs=args.logprobs, seed=None if args.seed is None else args.seed + i,
+            structured_outputs=constraint,
         )
         for i in range(args.num_requests)
     ]

@@ -6,6 +6,8 @@ import math
 from dataclasses import dataclass, field
 from numbers import Integral, Real
 
+from pico_vllm.structured_outputs import StructuredOutputsParams, as_structured_outputs
+
 
 @dataclass
 class SamplingParams:
@@ -28,6 +30,8 @@ class SamplingParams:
         seed: makes this request's sampling reproducible, whatever else is in the batch.
         logprobs: also return the log-probabilities of this many most likely tokens per step
             (plus the sampled one); ``None`` returns none.
+        structured_outputs: hold the output to a JSON schema, a regex, a choice or a grammar
+            (a ``StructuredOutputsParams`` or its fields as a dict; see ``structured_outputs.py``).
     """
 
     temperature: float = 1.0
@@ -44,8 +48,10 @@ class SamplingParams:
     ignore_eos: bool = False
     seed: int | None = None
     logprobs: int | None = None
+    structured_outputs: StructuredOutputsParams | dict | None = None
 
     def __post_init__(self) -> None:
+        self.structured_outputs = as_structured_outputs(self.structured_outputs)
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         elif self.stop is None:

@@ -183,3 +183,19 @@ def test_logprobs_are_printed_after_the_text_with_each_token_text(model_dir, cap
     for line, token, logprob, top in zip(lines, expected.token_ids, expected.logprobs, expected.top_logprobs):
         alternatives = ", ".join(f"{text(t)} {lp:.3f}" for t, lp in top)
         assert line == f"  {text(token)} {token} {logprob:.3f}  top: {alternatives}"
+
+
+def test_generate_holds_the_output_to_a_constraint(model_dir, capsys, tmp_path):
+    schema = tmp_path / "schema.json"
+    schema.write_text('{"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"], '
+                      '"additionalProperties": false}')
+    for flags, check in [(["--choice", "north", "--choice", "south"], lambda t: t in ("north", "south")),
+                         (["--regex", "[0-9]{4}"], lambda t: len(t) == 4 and t.isdigit()),
+                         (["--json-schema", str(schema)], lambda t: t in ('{"ok": true}', '{"ok": false}'))]:
+        assert main(["generate", "--model", model_dir, "--prompt", "Hi", "--max-tokens", "30", *flags]) == 0
+        text = capsys.readouterr().out.strip()
+        assert text.startswith("Hi") and check(text.removeprefix("Hi")), (flags, text)  # prompt + output
+    assert main(["generate", "--model", model_dir, "--regex", "[a-", "--max-tokens", "3"]) == 2
+    assert "error: regex: " in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # one constraint at a time
+        main(["generate", "--regex", "a", "--json-object"])

@@ -324,3 +324,60 @@ def test_logprobs_in_completions_and_chat_streamed_or_not(client, model_dir):
         assert bytes(entry["bytes"]).decode() == entry["token"]
     assert_error(client.post("/v1/chat/completions", json=chat | {"logprobs": False}), 400,
                  "top_logprobs needs logprobs: true")
+
+
+PET = {"type": "object", "required": ["kind", "age"], "additionalProperties": False,
+       "properties": {"kind": {"enum": ["cat", "dog"]},
+                      "age": {"type": "integer", "minimum": 0, "maximum": 30}}}
+
+
+@pytest.mark.parametrize("fields,check", [
+    ({"response_format": {"type": "json_schema",
+                          "json_schema": {"name": "pet", "schema": PET, "strict": True}}},
+     lambda text: json.loads(text)["kind"] in ("cat", "dog")),
+    ({"response_format": {"type": "json_object"}}, lambda text: isinstance(json.loads(text), dict)),
+    ({"structured_outputs": {"choice": ["red", "green"]}}, lambda text: text in ("red", "green")),
+    ({"guided_regex": "[0-9]{3}-[0-9]{2}"}, lambda text: len(text) == 6 and text[3] == "-"),
+    ({"guided_json": PET}, lambda text: set(json.loads(text)) == {"kind", "age"}),
+    ({"guided_choice": ["up", "down"]}, lambda text: text in ("up", "down")),
+])
+def test_chat_holds_the_answer_to_the_requested_format(client, fields, check):
+    body = {"messages": [{"role": "user", "content": "Answer."}], "max_tokens": 120, "temperature": 1.0,
+            "seed": 3} | fields
+    response = client.post("/v1/chat/completions", json=body)
+    assert response.status_code == 200, response.text
+    choice = response.json()["choices"][0]
+    if choice["finish_reason"] == "stop":
+        assert check(choice["message"]["content"]), choice["message"]["content"]
+    else:
+        assert choice["finish_reason"] == "length"
+
+
+def test_completions_take_structured_outputs_and_stream_them(client):
+    body = {"prompt": [5, 6, 7], "max_tokens": 40, "temperature": 0, "stream": True,
+            "structured_outputs": {"regex": "(yes|no), [a-z]{3}"}}
+    with client.stream("POST", "/v1/completions", json=body) as response:
+        chunks = sse(response)
+    text = "".join(c["choices"][0]["text"] for c in chunks if c["choices"])
+    assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+    assert text.split(", ")[0] in ("yes", "no") and len(text.split(", ")[1]) == 3
+
+
+@pytest.mark.parametrize("fields,param,message", [
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"$ref": "#/no"}}}},
+     "response_format", "response_format: json: "),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "response_format",
+     "json_schema.schema is required"),
+    ({"guided_regex": "(unclosed"}, "guided_regex", "guided_regex: regex: "),
+    ({"structured_outputs": {"grammar": "start: nope"}}, "structured_outputs",
+     "structured_outputs: grammar: "),
+    ({"guided_choice": ["a"], "guided_regex": "a"}, "guided_regex", "give one output constraint"),
+    ({"response_format": {"type": "yaml"}}, "response_format.type", "response_format.type"),
+])
+def test_a_bad_output_constraint_is_a_400_naming_the_field(client, fields, param, message):
+    body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4} | fields
+    response = client.post("/v1/chat/completions", json=body)
+    assert_error(response, 400, message)
+    assert response.json()["error"]["param"] == param
+    assert client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "Hi"}],
+                                                      "max_tokens": 2}).status_code == 200

@@ -22,6 +22,7 @@ from pico_vllm.loader import LoadedModel, load
 from pico_vllm.models import sliding_window, text_config
 from pico_vllm.outputs import RequestOutput
 from pico_vllm.sampling_params import SamplingParams
+from pico_vllm.structured_outputs import GrammarCompiler
 
 Prompt = str | list[int] | dict
 """Text, token ids, or vLLM's ``{"prompt": text}`` / ``{"prompt_token_ids": ids}``."""
@@ -88,6 +89,8 @@ class LLMEngine:
 
             self.runner.capture_all(lambda buckets: tqdm(buckets, desc="capturing decode graphs"))
         self.stats = EngineStats()
+        eos = min(self.eos_token_ids) if self.eos_token_ids else 0
+        self._grammars = GrammarCompiler(self.tokenizer, self.vocab_size, eos)
         self._requests: dict[str, _Request] = {}
         self._ids = itertools.count()
         self._in_flight: tuple[PendingStep, list[int]] | None = None  # a step not yet read back
@@ -114,12 +117,20 @@ class LLMEngine:
                 f"stop_token_ids {bad_stops[:5]} are outside the vocabulary [0, {self.vocab_size})"
             )
         seq = Sequence(request_id, token_ids, params)
+        if params.structured_outputs is not None:  # an invalid schema or regex is a ValueError
+            seq.grammar = self._grammars.matcher(params.structured_outputs)
         self.scheduler.add_sequence(seq)  # rejects what can never fit, before anything is kept
         text = prompt if isinstance(prompt, str) else None
         detokenizer = IncrementalDetokenizer(self.tokenizer, list(params.stop), token_ids)
         self._requests[request_id] = _Request(seq, text, detokenizer)
         self.stats.prompt_tokens += len(token_ids)
         return request_id
+
+    def check_structured_outputs(self, params: SamplingParams) -> None:
+        """Compile ``params``' output constraint now (cached for its requests): ValueError naming
+        the constraint if the schema, regex or grammar is invalid. Safe from another thread."""
+        if params.structured_outputs is not None:
+            self._grammars.matcher(params.structured_outputs)
 
     def prompt_progress(self, request_id: str) -> tuple[int, int]:
         """``(prompt tokens computed, prompt tokens)`` of a live request (progress bars)."""
@@ -204,9 +215,16 @@ class LLMEngine:
 
     def _finish_reason(self, request: _Request, token: int, num_output: int) -> str | None:
         """Detokenize ``token``, the request's ``num_output``-th, and say why the request ends
-        here, if it does."""
+        here, if it does. A structured output ends when its grammar is complete."""
         params = request.seq.params
         may_stop = num_output >= params.min_tokens
+        grammar = request.seq.grammar
+        if grammar is not None and not grammar.is_stopped() and token not in self.eos_token_ids:
+            grammar.consume_token(token)
+            if grammar.is_stopped():
+                request.detokenizer.add_token(token)
+                request.detokenizer.finalize()
+                return "stop"
         if may_stop and (
             token in params.stop_token_ids or (token in self.eos_token_ids and not params.ignore_eos)
         ):

@@ -50,6 +50,8 @@ class Sequence:
         self.block_hashes: list[bytes] = []
         self.status = SequenceStatus.WAITING
         self.finish_reason: str | None = None
+        # An llguidance matcher following the output, for a request with structured outputs.
+        self.grammar = None
 
     @property
     def block_table(self) -> list[int]:

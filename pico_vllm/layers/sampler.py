@@ -3,8 +3,8 @@
 One step is a short pipeline, each stage vectorized over the batch with ``[B]``-shaped
 parameter arrays (rows that do not use a stage pass through it unchanged):
 
-    penalties -> block stop tokens (min_tokens) -> greedy argmax
-                                                -> temperature -> min-p -> top-k/top-p -> draw
+    penalties -> grammar (structured outputs) -> block stop tokens (min_tokens) -> greedy argmax
+                                      -> temperature -> min-p -> top-k/top-p -> draw
 
 The draw is Gumbel-max, ``argmax(logits + Gumbel noise)``, an exact sample from
 ``softmax(logits)`` whose randomness is one noise row per request, so a seeded request gets
@@ -23,6 +23,7 @@ import mlx.core as mx
 import numpy as np
 
 from pico_vllm.sampling_params import SamplingParams
+from pico_vllm.structured_outputs import token_bitmask
 
 
 class SamplingRequest(Protocol):
@@ -31,6 +32,7 @@ class SamplingRequest(Protocol):
     params: SamplingParams
     token_ids: list[int]  # prompt + output
     num_prompt_tokens: int
+    grammar: object | None  # llguidance matcher of a structured output, at the next token
 
     @property
     def output_token_ids(self) -> list[int]: ...
@@ -91,6 +93,7 @@ class Sampler:
         params = [r.params for r in requests]
         raw = logits
         logits = self._apply_penalties(logits, requests)
+        logits = _apply_grammars(logits, requests)
         logits = self._block_stop_tokens(logits, requests)
         tokens = mx.argmax(logits, axis=-1)
         if not all(p.greedy for p in params):
@@ -100,15 +103,16 @@ class Sampler:
 
     @staticmethod
     def reads_token_ids(params: SamplingParams) -> bool:
-        """Whether sampling for ``params`` reads the ids of earlier tokens (penalties do)."""
-        return _has_penalty(params)
+        """Whether sampling for ``params`` reads the ids of earlier tokens on the host (penalties
+        count them; a grammar must have followed them to know what may come next)."""
+        return _has_penalty(params) or params.structured_outputs is not None
 
     def is_plain_argmax(self, requests: Sequence[SamplingRequest]) -> bool:
         """True when every row's token is just the argmax of the model's logits: greedy, no
-        penalties, no logprobs, no stop tokens blocked by ``min_tokens``."""
+        penalties, no grammar, no logprobs, no stop tokens blocked by ``min_tokens``."""
         return all(
             r.params.greedy and not _has_penalty(r.params) and r.params.logprobs is None
-            and r.num_output_tokens >= r.params.min_tokens
+            and r.grammar is None and r.num_output_tokens >= r.params.min_tokens
             for r in requests
         )
 
@@ -171,6 +175,19 @@ class Sampler:
             ]
             keys[mx.array(seeded)] = mx.array(np.stack(own))
         return keys
+
+
+def _apply_grammars(logits: mx.array, requests: Sequence[SamplingRequest]) -> mx.array:
+    """Structured outputs: each constrained row keeps only the tokens its grammar allows next
+    (llguidance's bitmask, computed on the host, one bit per token); other rows pass unchanged."""
+    constrained = [(r.grammar, i) for i, r in enumerate(requests) if r.grammar is not None]
+    if not constrained:
+        return logits
+    batch, vocab = logits.shape
+    bitmask = token_bitmask(constrained, batch, vocab).view(np.uint32)  # [B, ceil(V / 32)]
+    bits = (mx.array(bitmask)[:, :, None] >> mx.arange(32, dtype=mx.uint32)) & 1
+    allowed = bits.reshape(batch, -1)[:, :vocab].astype(mx.bool_)
+    return mx.where(allowed, logits, -mx.inf)
 
 
 def _min_p(logits: mx.array, params: list[SamplingParams]) -> mx.array:

@@ -183,7 +183,7 @@ def create_app(
         engine = engine_for(body.model)
         prompts = body.prompts()
         admit(engine, body.n * len(prompts))
-        params = _params(body, body.max_tokens)
+        params = await _checked_params(engine, body, body.max_tokens)
 
         def echoed(out: RequestOutput) -> str:
             if not body.echo:
@@ -203,7 +203,7 @@ def create_app(
         engine = engine_for(body.model)
         admit(engine, body.n)
         max_tokens = body.max_tokens if body.max_completion_tokens is None else body.max_completion_tokens
-        params = _params(body, max_tokens)
+        params = await _checked_params(engine, body, max_tokens)
         prompt = _chat_prompt(engine, body.messages)
         record = metrics.request(engine.name, time.monotonic())
         streams = await start_choices(request, engine, [prompt], params, body.n, record)
@@ -224,6 +224,19 @@ def _chat_prompt(engine: AsyncEngine, messages: list[ChatMessage]) -> list[int]:
         return chat_prompt_ids(engine.tokenizer, turns)
     except ValueError:  # no chat template
         raise APIError(400, f"model {engine.name!r} has no chat template", param="messages") from None
+
+
+async def _checked_params(engine: AsyncEngine, body: SamplingFields,
+                          max_tokens: int | None) -> SamplingParams:
+    """The request's ``SamplingParams``, its output constraint compiled: a bad schema, regex or
+    grammar is a 400 naming the field the request gave it in."""
+    params = _params(body, max_tokens)
+    try:
+        await engine.check_structured_outputs(params)
+    except ValueError as e:
+        field = body.structured_outputs_params()[1]
+        raise APIError(400, f"{field}: {e}", param=field) from None
+    return params
 
 
 def _params(body: SamplingFields, max_tokens: int | None) -> SamplingParams:

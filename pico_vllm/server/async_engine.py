@@ -84,6 +84,11 @@ class AsyncEngine:
     def vocab_size(self) -> int:
         return self.engine.vocab_size
 
+    async def check_structured_outputs(self, params: SamplingParams) -> None:
+        """Compile the request's output constraint off the event loop (a large schema can take
+        a while); ValueError if it is invalid."""
+        await asyncio.to_thread(self.engine.check_structured_outputs, params)
+
     @property
     def num_requests(self) -> int:
         """Requests submitted and not yet finished or closed (admission control reads it).

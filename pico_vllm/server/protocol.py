@@ -11,6 +11,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from pico_vllm.sampling_params import SamplingParams
+from pico_vllm.structured_outputs import StructuredOutputsParams, as_structured_outputs
 
 MAX_N = 16  # choices per request
 
@@ -25,6 +26,28 @@ class APIError(Exception):
 
 class StreamOptions(BaseModel):
     include_usage: bool = False
+
+
+class JsonSchemaFormat(BaseModel):
+    """OpenAI's ``response_format.json_schema``."""
+
+    model_config = ConfigDict(populate_by_name=True)
+    name: str | None = None
+    description: str | None = None
+    schema_: dict | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's ``response_format``: free text, any JSON object, or JSON that validates."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+# vLLM's older names for its structured_outputs fields.
+GUIDED_FIELDS = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice",
+                 "guided_grammar": "grammar"}
 
 
 class SamplingFields(BaseModel):
@@ -49,6 +72,38 @@ class SamplingFields(BaseModel):
     n: int = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
+    # Structured outputs: OpenAI's response_format, vLLM's structured_outputs, or the guided_* names.
+    response_format: ResponseFormat | None = None
+    structured_outputs: dict | None = None
+    guided_json: dict | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+
+    def structured_outputs_params(self) -> tuple[StructuredOutputsParams | None, str | None]:
+        """The request's output constraint and the field that gave it (for error messages)."""
+        given = {name: getattr(self, name) for name in ("structured_outputs", *GUIDED_FIELDS)
+                 if getattr(self, name) is not None}
+        if self.response_format is not None and self.response_format.type != "text":
+            given["response_format"] = self.response_format
+        if len(given) > 1:
+            raise APIError(400, f"give one output constraint, got {', '.join(given)}",
+                           param=next(iter(given)))
+        if not given:
+            return None, None
+        (field, value), = given.items()
+        try:
+            if field == "response_format":
+                if value.type == "json_object":
+                    return StructuredOutputsParams(json_object=True), field
+                if value.json_schema is None or value.json_schema.schema_ is None:
+                    raise ValueError("json_schema.schema is required for type json_schema")
+                return StructuredOutputsParams(json=value.json_schema.schema_), field
+            if field == "structured_outputs":
+                return as_structured_outputs(value), field
+            return StructuredOutputsParams(**{GUIDED_FIELDS[field]: value}), field
+        except ValueError as e:
+            raise APIError(400, f"{field}: {e}", param=field) from None
 
     def top_n_logprobs(self) -> int | None:
         """How many top logprobs per token the request wants (None: no logprobs)."""
@@ -60,6 +115,7 @@ class SamplingFields(BaseModel):
 
     def sampling_params(self, max_tokens: int | None) -> SamplingParams:
         return SamplingParams(
+            structured_outputs=self.structured_outputs_params()[0],
             logprobs=self.top_n_logprobs(),
             max_tokens=max_tokens if max_tokens is not None else SamplingParams.max_tokens,
             temperature=self.temperature,

@@ -15,9 +15,11 @@ Workloads: ``mixed`` (many requests, prompt and output lengths uniform in ranges
 bench shape, scaled to a laptop), ``shared-prefix`` (requests sharing a long system prompt),
 ``single`` (one stream), ``online`` (Poisson arrivals in real time through ``LLMEngine``,
 reporting vLLM's ``bench serve`` metrics — TTFT, TPOT, ITL — over a sweep of rates; the
-pico-vllm engines only), and ``steps`` (a decode step at batch 1 and 8 and a 512-token prefill,
-timed on each pico-vllm engine in turn, repeated: the model code's own speed; not in the
-default selection). The table gives tokens/s, each engine's ratio to the two mlx-lm
+pico-vllm engines only), ``steps`` (a decode step at batch 1 and 8 and a 512-token prefill,
+timed on each pico-vllm engine in turn, repeated: the model code's own speed) and
+``structured`` (a decode step at batch 8 with 0, 4 and 8 rows held to a grammar, and the first
+token's delay for a new schema, a compiled one and none); the last two are not in the default
+selection. The table gives tokens/s, each engine's ratio to the two mlx-lm
 baselines, and the fraction of this machine's peak matmul FLOP/s (measured in the same run) the
 engine achieved.
 
@@ -34,11 +36,11 @@ from pathlib import Path
 import numpy as np
 
 ENGINES = ("pico-vllm", "pico-vllm eager", "pico-vllm mlx-lm", "mlx-lm batch", "mlx-lm sequential")
-WORKLOADS = ("mixed", "shared-prefix", "single", "online", "steps")
+WORKLOADS = ("mixed", "shared-prefix", "single", "online", "steps", "structured")
 # What a bare `pico-vllm bench` (and `make run`) runs: the comparisons with mlx-lm.
 DEFAULT_ENGINES = ("pico-vllm", "pico-vllm eager", "mlx-lm batch", "mlx-lm sequential")
 DEFAULT_WORKLOADS = ("mixed", "shared-prefix", "single", "online")
-PICO_ONLY = ("online", "steps")  # workloads that run on the pico-vllm engines only
+PICO_ONLY = ("online", "steps", "structured")  # workloads that run on the pico-vllm engines only
 
 
 @dataclass
@@ -150,10 +152,27 @@ def format_table(results: list[Result], facts: dict) -> str:
                 ratio = f" {mid / base[key][1]:.2f}x" if base else ""
                 cells.append(f"{mid * 1e3:.1f} [{low * 1e3:.1f}-{high * 1e3:.1f}]{ratio}")
             lines.append(f"{r.engine:<18} " + "  ".join(cells))
+    structured = [r for r in results if r.workload == "structured"]
+    if structured:
+        lines += [""] if lines else []
+        lines.append(f"{'structured engine':<18} {'rows held':>9} {'decode b8 ms':>22} {'vs free':>8}"
+                     "  (median of repeats [min-max])")
+        for r in structured:
+            free = r.extra["constrained_0_of_8"][1]
+            for key in STRUCTURED_KEYS[:3]:
+                low, mid, high = r.extra[key]
+                spread = f"{mid * 1e3:.1f} [{low * 1e3:.1f}-{high * 1e3:.1f}]"
+                lines.append(f"{r.engine:<18} {key.split('_')[1] + ' of 8':>9} {spread:>22} "
+                             f"{mid / free:>7.2f}x")
+            first = ", ".join(f"{key.removeprefix('first_token_').replace('_', ' ')} "
+                              f"{r.extra[key][1] * 1e3:.0f} ms" for key in STRUCTURED_KEYS[3:])
+            lines.append(f"{r.engine:<18} first token: {first}")
     return "\n".join(lines)
 
 
 STEP_KEYS = ("decode_b1", "decode_b8", "prefill_512")
+STRUCTURED_KEYS = ("constrained_0_of_8", "constrained_4_of_8", "constrained_8_of_8",
+                   "first_token_free", "first_token_new_schema", "first_token_compiled_schema")
 
 
 def save(results: list[Result], facts: dict, folder: Path) -> list[Path]:

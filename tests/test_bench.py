@@ -104,3 +104,16 @@ def test_the_steps_workload_times_our_model_file_against_mlx_lm_code_on_the_same
 def test_bench_rejects_steps_without_a_pico_vllm_engine(capsys):
     assert cli_main(["bench", "--workload", "steps", "--engine", "mlx-lm batch"]) == 2
     assert "the steps workload runs on the pico-vllm engines only" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_the_structured_workload_times_constrained_rows_and_the_first_token(random_model, tmp_path, capsys):
+    model = random_model("llama", head_dim=32, vocab_size=512)
+    code = cli_main(["bench", "--model", str(model), "--quick", "--workload", "structured", "--engine",
+                     "pico-vllm", "--output", str(tmp_path)])
+    assert code == 0
+    table = capsys.readouterr().out.split("structured engine")[1].splitlines()
+    assert [line.split()[1] for line in table[1:4]] == ["0", "4", "8"] and "1.00x" in table[1]
+    assert "new schema" in table[4] and "compiled schema" in table[4]
+    extra = json.loads((tmp_path / "results.json").read_text())["results"][0]["extra"]
+    assert all(0 < low <= mid <= high for low, mid, high in extra.values()) and len(extra) == 6

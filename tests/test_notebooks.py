@@ -20,7 +20,7 @@ FIGURES = {  # what each notebook must save (the README shows them)
     "02_scheduler": ["02_scheduler"],
     "03_paged_attention": ["03_paged_attention"],
     "04_model_runner_and_graphs": ["04_model_runner", "04_layer_groups"],
-    "05_engine_end_to_end": ["05_sampler", "05_throughput_latency"],
+    "05_engine_end_to_end": ["05_sampler", "05_structured_outputs", "05_throughput_latency"],
 }
 
 

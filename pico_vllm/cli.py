@@ -30,6 +30,10 @@ from pico_vllm.config import EngineConfig
 from pico_vllm.outputs import RequestOutput
 from pico_vllm.sampling_params import MAX_LOGPROBS, SamplingParams
 
+# Tool-call formats `serve --tool-call-parser` takes (pico_vllm/tool_calls.py; listed here so
+# that parsing the flags imports nothing heavy).
+TOOL_CALL_PARSERS = ("hermes", "llama3_json", "mistral", "qwen3_coder", "openai")
+
 # Engine fields the CLI does not expose as flags: --model is its own flag; --seed seeds requests.
 _NOT_FLAGS = {"model", "seed"}
 _CHOICES = {"dtype": ["auto", "float32", "float16", "bfloat16"], "block_size": [8, 16, 32],
@@ -157,6 +161,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="requests per second per API key (or client address); more get 429")
     serve.add_argument("--shutdown-timeout", type=float, default=30.0,
                        help="seconds that SIGINT/SIGTERM lets requests in flight finish (new ones get 503)")
+    serve.add_argument("--tool-call-parser", choices=list(TOOL_CALL_PARSERS), default=None,
+                       help="the format the model writes tool calls in (default: picked from its chat "
+                            "template; hermes where the template has no tool support)")
+    serve.add_argument("--reasoning-parser", choices=["think"], default=None,
+                       help="send what the model writes inside <think>...</think> as reasoning_content")
     add_engine_flags(serve)
     return parser
 
@@ -356,7 +365,8 @@ def serve(args: argparse.Namespace) -> None:
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
             follow(configs[0])
             _exit_skipping_destructors()
-    engines = [AsyncEngine(config, name) for config, name in zip(configs, names)]
+    engines = [AsyncEngine(config, name, args.tool_call_parser, args.reasoning_parser)
+               for config, name in zip(configs, names)]
     print(f"[pico-vllm] serving {', '.join(names)} on http://{args.host}:{args.port}/v1", file=sys.stderr)
     try:
         app = create_app(engines, args.api_key, args.max_queue, args.rate_limit)

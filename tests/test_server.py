@@ -6,6 +6,7 @@ import asyncio
 import json
 import time
 
+import jsonschema
 import pytest
 from fastapi.testclient import TestClient
 from server_load import prometheus_sum
@@ -381,3 +382,95 @@ def test_a_bad_output_constraint_is_a_400_naming_the_field(client, fields, param
     assert response.json()["error"]["param"] == param
     assert client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "Hi"}],
                                                       "max_tokens": 2}).status_code == 200
+
+
+WEATHER_TOOL = {"type": "function", "function": {
+    "name": "get_weather", "description": "Current weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12},
+                                                    "unit": {"enum": ["C", "F"]}},
+                   "required": ["city", "unit"], "additionalProperties": False}}}
+TIME_TOOL = {"type": "function", "function": {
+    "name": "get_time", "parameters": {"type": "object", "properties": {"zone": {"type": "string", "maxLength": 8}},
+                                       "required": ["zone"], "additionalProperties": False}}}
+
+
+@pytest.fixture(scope="module")
+def tool_client(model_dir):
+    """A server with room for the tool prompt (the tiny tokenizer spends a token per byte)."""
+    engine = AsyncEngine(EngineConfig(model=model_dir, num_blocks=256, max_model_len=1024), "tiny")
+    with TestClient(create_app([engine], api_key=None, max_queue=8)) as c:
+        yield c
+    engine.shutdown()
+
+
+def chat_with_tools(client, **fields):
+    body = {"messages": [{"role": "user", "content": "Weather in Oslo?"}], "max_tokens": 120,
+            "tools": [WEATHER_TOOL, TIME_TOOL], "temperature": 0} | fields
+    return client.post("/v1/chat/completions", json=body)
+
+
+@pytest.mark.parametrize("tool_choice,names", [
+    ("required", {"get_weather", "get_time"}),
+    ({"type": "function", "function": {"name": "get_time"}}, {"get_time"}),
+])
+def test_a_demanded_tool_call_comes_back_valid_in_openai_shape(tool_client, tool_choice, names):
+    response = chat_with_tools(tool_client, tool_choice=tool_choice, parallel_tool_calls=False)
+    assert response.status_code == 200, response.text
+    choice = response.json()["choices"][0]
+    assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] is None
+    (call,) = choice["message"]["tool_calls"]
+    assert call["type"] == "function" and call["id"].startswith("call_") and call["function"]["name"] in names
+    arguments = json.loads(call["function"]["arguments"])
+    schema = (WEATHER_TOOL if call["function"]["name"] == "get_weather" else TIME_TOOL)["function"]["parameters"]
+    jsonschema.validate(arguments, schema)
+
+
+def test_a_streamed_tool_call_arrives_whole_with_its_id_and_name(tool_client):
+    body = {"messages": [{"role": "user", "content": "Weather?"}], "max_tokens": 120, "stream": True,
+            "tools": [WEATHER_TOOL], "tool_choice": "required", "temperature": 1.0, "seed": 5}
+    with tool_client.stream("POST", "/v1/chat/completions", json=body) as response:
+        chunks = sse(response)
+    deltas = [c["choices"][0]["delta"] for c in chunks]
+    calls = [call for d in deltas for call in d.get("tool_calls", [])]
+    assert len(calls) >= 1 and calls[0]["index"] == 0 and calls[0]["function"]["name"] == "get_weather"
+    jsonschema.validate(json.loads(calls[0]["function"]["arguments"]), WEATHER_TOOL["function"]["parameters"])
+    assert not any(d.get("content") for d in deltas)  # the call's text is not sent as content
+    assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
+
+
+def test_a_tool_result_round_trip_renders_and_answers(tool_client):
+    call = {"id": "call_abc", "type": "function",
+            "function": {"name": "get_weather", "arguments": '{"city": "Oslo", "unit": "C"}'}}
+    messages = [{"role": "user", "content": "Weather in Oslo?"},
+                {"role": "assistant", "content": None, "tool_calls": [call]},
+                {"role": "tool", "tool_call_id": "call_abc", "content": '{"temp": 4}'}]
+    response = chat_with_tools(tool_client, messages=messages, max_tokens=8)
+    assert response.status_code == 200, response.text
+    assert response.json()["choices"][0]["finish_reason"] in ("stop", "length", "tool_calls")
+    assert response.json()["usage"]["prompt_tokens"] > 200  # the tool prompt, the call and its result
+
+
+@pytest.mark.parametrize("fields,param,message", [
+    ({"tools": [{"type": "function", "function": {"name": "has space"}}]}, "tools.0.function.name",
+     "should match pattern"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"a": {"$ref": "#/missing"}}}}}], "tool_choice": "required"},
+     "tools", "tools: grammar: "),
+    ({"tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice",
+     "tool_choice names 'nope', which is not among the tools"),
+    ({"tools": None, "tool_choice": "required"}, "tool_choice", "tool_choice 'required' needs tools"),
+    ({"response_format": {"type": "json_object"}}, "response_format", "tools and response_format cannot"),
+    ({"messages": [{"role": "assistant", "tool_calls": [{"id": "c", "type": "function", "function": {
+        "name": "get_weather", "arguments": "{oops"}}]}]}, "messages", "arguments are not JSON"),
+])
+def test_bad_tool_requests_are_400s_naming_the_field(tool_client, fields, param, message):
+    response = chat_with_tools(tool_client, **fields)
+    assert_error(response, 400, message)
+    assert response.json()["error"]["param"] == param
+
+
+def test_tool_choice_none_and_auto_answer_in_text(tool_client):
+    for choice in ("none", "auto"):
+        response = chat_with_tools(tool_client, tool_choice=choice, max_tokens=6, temperature=0)
+        choice_json = response.json()["choices"][0]
+        assert response.status_code == 200 and choice_json["finish_reason"] in ("stop", "length", "tool_calls")

@@ -10,9 +10,11 @@ away aborts its request at once (its blocks are freed). Errors come back in Open
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from contextlib import asynccontextmanager
+from dataclasses import replace
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -20,10 +22,10 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException
 
-from pico_vllm.llm import chat_prompt_ids
 from pico_vllm.outputs import RequestOutput
 from pico_vllm.sampling_params import SamplingParams
 from pico_vllm.server.async_engine import AsyncEngine
+from pico_vllm.server.chat import ReplyReader, Turn, render, tool_constraint
 from pico_vllm.server.metrics import Metrics
 from pico_vllm.server.protocol import (
     MAX_N,
@@ -36,6 +38,7 @@ from pico_vllm.server.protocol import (
     TokenizeRequest,
 )
 from pico_vllm.server.responses import ClientGone, logprob_format, respond, start_choices
+from pico_vllm.tool_calls import Tool, ToolCall, ToolCallParser
 
 
 class TokenBucket:
@@ -203,40 +206,109 @@ def create_app(
         engine = engine_for(body.model)
         admit(engine, body.n)
         max_tokens = body.max_tokens if body.max_completion_tokens is None else body.max_completion_tokens
-        params = await _checked_params(engine, body, max_tokens)
-        prompt = _chat_prompt(engine, body.messages)
+        tools = [Tool(t.function.name, t.function.description, t.function.parameters)
+                 for t in body.tools or []]
+        choice = body.tool_choice_name()
+        parser = engine.tool_parser if tools and choice != "none" else None
+        params = await _checked_params(engine, body, max_tokens, tools if parser else [], choice,
+                                       body.parallel_tool_calls)
+        prompt = _chat_prompt(engine, body.messages, tools if parser else [])
         record = metrics.request(engine.name, time.monotonic())
         streams = await start_choices(request, engine, [prompt], params, body.n, record)
+        replies = ChatReplies(parser, engine.reasoning)
         return await respond(request, body, engine.name, "chat.completion", streams,
-                              lambda out, delta: {"delta": {"content": delta}},
-                              lambda out: {"message": {"role": "assistant", "content": out.text}},
-                              record,
+                              replies.delta_choice, replies.final_choice, record,
                               logprob_format(engine, chat=True) if params.logprobs is not None else None)
 
     app.include_router(guarded)
     return app
 
 
-def _chat_prompt(engine: AsyncEngine, messages: list[ChatMessage]) -> list[int]:
-    """Token ids of ``messages`` through the model's chat template, ready for the reply."""
-    turns = [{"role": m.role, "content": m.text()} for m in messages]
+def _chat_prompt(engine: AsyncEngine, messages: list[ChatMessage], tools: list[Tool] = ()) -> list[int]:
+    """Token ids of ``messages`` (and ``tools``) through the model's chat template, ready for the
+    reply."""
+    roles = {"developer": "system", "function": "tool"}
+    turns = [Turn(roles.get(m.role, m.role), m.text(),
+                  [ToolCall(c.function.name, c.function.arguments, c.id) for c in m.tool_calls or []],
+                  m.tool_call_id) for m in messages]
+    for turn in turns:
+        for call in turn.tool_calls:
+            try:
+                json.loads(call.arguments)
+            except json.JSONDecodeError:
+                raise APIError(400, f"tool call {call.id}: arguments are not JSON",
+                               param="messages") from None
     try:
-        return chat_prompt_ids(engine.tokenizer, turns)
+        return render(engine.tokenizer, turns, list(tools), engine.tool_parser)
     except ValueError:  # no chat template
         raise APIError(400, f"model {engine.name!r} has no chat template", param="messages") from None
 
 
-async def _checked_params(engine: AsyncEngine, body: SamplingFields,
-                          max_tokens: int | None) -> SamplingParams:
-    """The request's ``SamplingParams``, its output constraint compiled: a bad schema, regex or
-    grammar is a 400 naming the field the request gave it in."""
+async def _checked_params(engine: AsyncEngine, body: SamplingFields, max_tokens: int | None,
+                          tools: list[Tool] = (), tool_choice: str = "none",
+                          parallel_tool_calls: bool = True) -> SamplingParams:
+    """The request's ``SamplingParams``, its output constraint compiled (an output format, or the
+    tool-call grammar ``tool_choice`` asks for): a bad schema, regex, grammar or tool definition is
+    a 400 naming the field the request gave it in."""
     params = _params(body, max_tokens)
+    field = body.structured_outputs_params()[1]
+    if tools:
+        if params.structured_outputs is not None:
+            raise APIError(400, f"tools and {field} cannot be combined: give one", param=field)
+        try:
+            constraint = tool_constraint(list(tools), tool_choice, parallel_tool_calls, engine.tool_parser,
+                                         engine.special_tokens)
+        except ValueError as e:
+            raise APIError(400, str(e), param="tool_choice") from None
+        params, field = replace(params, structured_outputs=constraint), "tools"
     try:
         await engine.check_structured_outputs(params)
     except ValueError as e:
-        field = body.structured_outputs_params()[1]
         raise APIError(400, f"{field}: {e}", param=field) from None
     return params
+
+
+class ChatReplies:
+    """What a chat reply sends, choice by choice: content, ``reasoning_content`` and
+    ``tool_calls`` (``finish_reason`` ``tool_calls`` when it called), streamed or whole."""
+
+    def __init__(self, parser: ToolCallParser | None, reasoning: bool) -> None:
+        self.parser, self.reasoning = parser, reasoning
+        self.readers: dict[str, ReplyReader] = {}
+
+    def _reader(self, out: RequestOutput) -> ReplyReader:
+        return self.readers.setdefault(out.request_id, ReplyReader(self.parser, self.reasoning))
+
+    def delta_choice(self, out: RequestOutput, _delta_text: str) -> dict:
+        reader = self._reader(out)
+        pieces = reader.delta(out.text)
+        delta = {"reasoning_content": pieces.get("reasoning"), "content": pieces.get("content")}
+        choice = {}
+        if out.finished:
+            rest, calls = reader.rest(out.text)
+            delta["content"] = (delta["content"] or "") + rest or None
+            if calls:
+                delta["tool_calls"] = [_call_json(c) | {"index": i} for i, c in enumerate(calls)]
+                choice["finish_reason"] = _finish_reason(out, calls)
+        choice["delta"] = {k: v for k, v in delta.items() if v is not None}
+        return choice
+
+    def final_choice(self, out: RequestOutput) -> dict:
+        reasoning, content, calls = self._reader(out).final(out.text)
+        message = {"role": "assistant", "content": content if content or not calls else None}
+        if reasoning is not None:
+            message["reasoning_content"] = reasoning
+        if calls:
+            message["tool_calls"] = [_call_json(c) for c in calls]
+        return {"message": message, "finish_reason": _finish_reason(out, calls)}
+
+
+def _call_json(call: ToolCall) -> dict:
+    return {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
+
+
+def _finish_reason(out: RequestOutput, calls: list[ToolCall]) -> str | None:
+    return "tool_calls" if calls and out.finish_reason == "stop" else out.finish_reason
 
 
 def _params(body: SamplingFields, max_tokens: int | None) -> SamplingParams:

@@ -31,6 +31,7 @@ from pico_vllm.engine.llm_engine import LLMEngine, Prompt
 from pico_vllm.loader import LoadedModel, load
 from pico_vllm.outputs import RequestOutput
 from pico_vllm.sampling_params import SamplingParams
+from pico_vllm.tool_calls import parser_for
 
 
 @dataclass
@@ -54,9 +55,15 @@ class _AbortAll:
 class AsyncEngine:
     """An ``LLMEngine`` on its own thread; ``generate`` streams a request's outputs."""
 
-    def __init__(self, config: EngineConfig, name: str) -> None:
+    def __init__(self, config: EngineConfig, name: str, tool_call_parser: str | None = None,
+                 reasoning_parser: str | None = None) -> None:
         loaded = load(config.model, config.dtype, config.model_impl)
         self.name = name
+        # How this model writes tool calls and whether it thinks aloud (server/chat.py).
+        template = getattr(loaded.tokenizer, "chat_template", None)
+        self.tool_parser = parser_for(loaded.config.get("model_type", ""), template, tool_call_parser)
+        self.reasoning = reasoning_parser is not None
+        self.special_tokens = set(getattr(loaded.tokenizer, "all_special_tokens", []))
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._ids = itertools.count()

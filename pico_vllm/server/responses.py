@@ -133,9 +133,9 @@ async def respond(request: Request, body: SamplingFields, model: str, kind: str,
                 rest.close()
         choices = []
         for index, out in enumerate(outs):
-            choices.append(final_choice(out) | {
-                "index": index, "finish_reason": out.finish_reason,
-                "logprobs": logprobs(out, len(out.token_ids)) if logprobs else None})
+            choices.append({"index": index, "finish_reason": out.finish_reason,
+                            "logprobs": logprobs(out, len(out.token_ids)) if logprobs else None}
+                           | final_choice(out))
         return {"id": request_id, "object": kind, "created": created, "model": model,
                 "choices": choices, "usage": _usage(outs, body.n)}
 
@@ -170,8 +170,8 @@ async def respond(request: Request, body: SamplingFields, model: str, kind: str,
                 index, out = await merged.get()
                 if isinstance(out, Exception):
                     raise out
-                choice = delta_choice(out, out.delta_text) | {"index": index,
-                                                               "finish_reason": out.finish_reason}
+                choice = ({"index": index, "finish_reason": out.finish_reason}
+                          | delta_choice(out, out.delta_text))
                 if logprobs:
                     choice["logprobs"] = logprobs(out, len(out.delta_token_ids))
                 yield event([choice])

@@ -389,9 +389,9 @@ WEATHER_TOOL = {"type": "function", "function": {
     "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12},
                                                     "unit": {"enum": ["C", "F"]}},
                    "required": ["city", "unit"], "additionalProperties": False}}}
-TIME_TOOL = {"type": "function", "function": {
-    "name": "get_time", "parameters": {"type": "object", "properties": {"zone": {"type": "string", "maxLength": 8}},
-                                       "required": ["zone"], "additionalProperties": False}}}
+TIME_TOOL = {"type": "function", "function": {"name": "get_time", "parameters": {
+    "type": "object", "properties": {"zone": {"type": "string", "maxLength": 8}}, "required": ["zone"],
+    "additionalProperties": False}}}
 
 
 @pytest.fixture(scope="module")
@@ -421,7 +421,8 @@ def test_a_demanded_tool_call_comes_back_valid_in_openai_shape(tool_client, tool
     (call,) = choice["message"]["tool_calls"]
     assert call["type"] == "function" and call["id"].startswith("call_") and call["function"]["name"] in names
     arguments = json.loads(call["function"]["arguments"])
-    schema = (WEATHER_TOOL if call["function"]["name"] == "get_weather" else TIME_TOOL)["function"]["parameters"]
+    tool = WEATHER_TOOL if call["function"]["name"] == "get_weather" else TIME_TOOL
+    schema = tool["function"]["parameters"]
     jsonschema.validate(arguments, schema)
 
 
@@ -473,4 +474,5 @@ def test_tool_choice_none_and_auto_answer_in_text(tool_client):
     for choice in ("none", "auto"):
         response = chat_with_tools(tool_client, tool_choice=choice, max_tokens=6, temperature=0)
         choice_json = response.json()["choices"][0]
-        assert response.status_code == 200 and choice_json["finish_reason"] in ("stop", "length", "tool_calls")
+        assert response.status_code == 200
+        assert choice_json["finish_reason"] in ("stop", "length", "tool_calls")

@@ -27,3 +27,5 @@ class RequestOutput:
     logprobs: list[float] | None = None
     top_logprobs: list[list[tuple[int, float]]] | None = None
     num_cached_tokens: int = 0  # prompt tokens served by the prefix cache
+    # What ended a "stop": the stop string or stop token id (None for EOS or a grammar's end).
+    stop_reason: str | int | None = None

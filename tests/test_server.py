@@ -61,7 +61,8 @@ def test_completion_equals_the_offline_engine(client, model_dir):
         temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False)[0]
     assert data["choices"][0]["text"] == offline.text
     assert data["choices"][0]["finish_reason"] == "length"
-    assert data["usage"] == {"prompt_tokens": 3, "completion_tokens": 8, "total_tokens": 11}
+    assert data["usage"] == {"prompt_tokens": 3, "completion_tokens": 8, "total_tokens": 11,
+                             "prompt_tokens_details": {"cached_tokens": 0}}
 
 
 @pytest.mark.parametrize("as_ids", [False, True])

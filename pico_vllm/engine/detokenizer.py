@@ -32,6 +32,7 @@ class IncrementalDetokenizer:
         self._emitted = 0
         self._decoded = ""  # the output's text so far, before any stop-string cut
         self.text = ""
+        self.matched_stop: str | None = None  # the stop string the text was cut at
 
     def add_token(self, token_id: int) -> bool:
         """Append one token; True if the text now contains a stop string (cut at its start)."""
@@ -60,9 +61,10 @@ class IncrementalDetokenizer:
 
     def _search(self, text: str) -> bool:
         start = max(0, self._searched - self._holdback)
-        hits = [i for i in (text.find(s, start) for s in self._stop) if i >= 0]
+        hits = [(i, s) for s in self._stop if (i := text.find(s, start)) >= 0]
         if hits:
-            self.text = text[: min(hits)]
+            at, self.matched_stop = min(hits)
+            self.text = text[:at]
             return True
         self.text, self._searched = text, len(text)
         return False

@@ -47,6 +47,7 @@ class _Request:
     logprobs: list[float] = field(default_factory=list)
     top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
     emitted_tokens: int = 0
+    stop_reason: str | int | None = None  # the stop string or token id that ended it
 
 
 class LLMEngine:
@@ -229,8 +230,10 @@ class LLMEngine:
             token in params.stop_token_ids or (token in self.eos_token_ids and not params.ignore_eos)
         ):
             request.detokenizer.finalize()
+            request.stop_reason = token if token in params.stop_token_ids else None
             return "stop"  # the stop token's text is not part of the output
         if request.detokenizer.add_token(token) and may_stop:
+            request.stop_reason = request.detokenizer.matched_stop
             return "stop"
         num_tokens = request.seq.num_prompt_tokens + num_output
         if num_output >= params.max_tokens or num_tokens >= self.config.max_model_len:
@@ -258,6 +261,7 @@ class LLMEngine:
             logprobs=list(request.logprobs) if wants_logprobs else None,
             top_logprobs=list(request.top_logprobs) if wants_logprobs else None,
             num_cached_tokens=seq.num_cached_tokens,
+            stop_reason=request.stop_reason,
         )
 
     def _tokenize(self, prompt: str | list[int]) -> list[int]:

@@ -185,8 +185,10 @@ def create_app(
     async def completions(body: CompletionRequest, request: Request):
         engine = engine_for(body.model)
         prompts = body.prompts()
-        admit(engine, body.n * len(prompts))
         params = await _checked_params(engine, body, body.max_tokens)
+        # Admission right before submission, with no await between: concurrent requests are
+        # counted one by one (an await here let a burst all pass the check).
+        admit(engine, body.n * len(prompts))
 
         def echoed(out: RequestOutput) -> str:
             if not body.echo:
@@ -204,7 +206,6 @@ def create_app(
     @guarded.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, request: Request):
         engine = engine_for(body.model)
-        admit(engine, body.n)
         max_tokens = body.max_tokens if body.max_completion_tokens is None else body.max_completion_tokens
         tools = [Tool(t.function.name, t.function.description, t.function.parameters)
                  for t in body.tools or []]
@@ -213,6 +214,7 @@ def create_app(
         params = await _checked_params(engine, body, max_tokens, tools if parser else [], choice,
                                        body.parallel_tool_calls)
         prompt = _chat_prompt(engine, body.messages, tools if parser else [])
+        admit(engine, body.n)  # right before submission (see completions)
         record = metrics.request(engine.name, time.monotonic())
         streams = await start_choices(request, engine, [prompt], params, body.n, record)
         replies = ChatReplies(parser, engine.reasoning)

@@ -85,7 +85,9 @@ def _usage(outs: list[RequestOutput], n: int) -> dict:
     """Usage of a request's choices, ``n`` per prompt (each prompt counted once)."""
     prompt = sum(len(out.prompt_token_ids) for out in outs[::n])
     completion = sum(len(out.token_ids) for out in outs)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    cached = sum(out.num_cached_tokens for out in outs[::n])  # the prefix cache's share of the prompt
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached}}
 
 
 class ClientGone(Exception):

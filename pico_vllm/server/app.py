@@ -24,6 +24,8 @@ from starlette.exceptions import HTTPException
 
 from pico_vllm.outputs import RequestOutput
 from pico_vllm.sampling_params import SamplingParams
+from pico_vllm.server import anthropic
+from pico_vllm.server.anthropic import ERROR_TYPES
 from pico_vllm.server.async_engine import AsyncEngine
 from pico_vllm.server.chat import ReplyReader, Turn, render, tool_constraint
 from pico_vllm.server.metrics import Metrics
@@ -76,39 +78,44 @@ def create_app(
     metrics = Metrics(engines)
     buckets: dict[str, TokenBucket] = {}
 
-    def error_response(e: APIError) -> JSONResponse:
-        body = {"error": {"message": e.message, "type": e.kind, "param": e.param, "code": e.status}}
+    def error_response(e: APIError, request: Request | None = None) -> JSONResponse:
+        """OpenAI's error shape, or Anthropic's on the Messages API's routes."""
+        if request is not None and request.url.path.startswith("/v1/messages"):
+            kind = ERROR_TYPES.get(e.status, "api_error") if e.kind != "overloaded_error" else e.kind
+            body = {"type": "error", "error": {"type": kind, "message": e.message}}
+        else:
+            body = {"error": {"message": e.message, "type": e.kind, "param": e.param, "code": e.status}}
         return JSONResponse(body, status_code=e.status, headers=e.headers)
 
     @app.exception_handler(APIError)
-    async def on_api_error(_: Request, e: APIError) -> JSONResponse:
-        return error_response(e)
+    async def on_api_error(request: Request, e: APIError) -> JSONResponse:
+        return error_response(e, request)
 
     @app.exception_handler(ClientGone)
     async def on_client_gone(_: Request, e: ClientGone) -> Response:
         return Response(status_code=499)  # nginx's "client closed request"
 
     @app.exception_handler(RequestValidationError)
-    async def on_invalid(_: Request, e: RequestValidationError) -> JSONResponse:
+    async def on_invalid(request: Request, e: RequestValidationError) -> JSONResponse:
         first = e.errors()[0]
         if first["type"] == "json_invalid":  # its "loc" is a character offset, not a field
             reason = first.get("ctx", {}).get("error", first["msg"])
-            return error_response(APIError(400, f"request body is not valid JSON: {reason}"))
+            return error_response(APIError(400, f"request body is not valid JSON: {reason}"), request)
         where = ".".join(str(p) for p in first["loc"] if p != "body")
         message = f"{where}: {first['msg']}" if where else f"request body: {first['msg']}"
-        return error_response(APIError(400, message, param=where or None))
+        return error_response(APIError(400, message, param=where or None), request)
 
     @app.exception_handler(HTTPException)
     async def on_http_error(request: Request, e: HTTPException) -> JSONResponse:
         """Starlette's own errors (an unknown route, a wrong method) in OpenAI's shape too."""
         if e.status_code == 404:
             return error_response(APIError(404, f"no route {request.method} {request.url.path}",
-                                           "not_found_error"))
+                                           "not_found_error"), request)
         if e.status_code == 405:
             allowed = e.headers.get("Allow", "") if e.headers else ""
             return error_response(APIError(405, f"{request.method} is not allowed on {request.url.path}"
-                                                f" (allowed: {allowed})", headers=e.headers))
-        return error_response(APIError(e.status_code, str(e.detail), headers=e.headers))
+                                                f" (allowed: {allowed})", headers=e.headers), request)
+        return error_response(APIError(e.status_code, str(e.detail), headers=e.headers), request)
 
     async def gate(request: Request) -> None:
         """Shutdown (503), API key (401) and per-key rate limit (429) for every route but
@@ -116,7 +123,8 @@ def create_app(
         hides a client's disconnect from ``request.is_disconnected()``."""
         if app.state.closing:
             raise APIError(503, "server is shutting down", "server_error")
-        key = request.headers.get("authorization", "")
+        # OpenAI's clients send `Authorization: Bearer KEY`, Anthropic's `x-api-key: KEY`.
+        key = request.headers.get("authorization", "") or f"Bearer {request.headers.get('x-api-key', '')}"
         if api_key and key != f"Bearer {api_key}":
             raise APIError(401, "missing or wrong API key", "authentication_error")
         if rate_limit and request.method == "POST":
@@ -221,6 +229,20 @@ def create_app(
         return await respond(request, body, engine.name, "chat.completion", streams,
                               replies.delta_choice, replies.final_choice, record,
                               logprob_format(engine, chat=True) if params.logprobs is not None else None)
+
+    @guarded.post("/v1/messages")
+    async def messages(body: anthropic.MessagesRequest, request: Request):
+        engine = engine_for(body.model)
+        prompt, params, reader = await anthropic.prepare(engine, body)
+        admit(engine, 1)  # right before submission (see completions)
+        record = metrics.request(engine.name, time.monotonic())
+        ((first, rest),) = await start_choices(request, engine, [prompt], params, 1, record)
+        return await anthropic.answer(request, body.stream, engine.name, first, rest, reader, record)
+
+    @guarded.post("/v1/messages/count_tokens")
+    async def count_tokens(body: anthropic.CountTokensRequest) -> dict:
+        engine = engine_for(body.model)
+        return {"input_tokens": len(anthropic.prompt_ids(engine, body, body.tool_list()))}
 
     app.include_router(guarded)
     return app

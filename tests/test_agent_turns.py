@@ -12,8 +12,8 @@ from pico_vllm import EngineConfig
 from pico_vllm.server.app import create_app
 from pico_vllm.server.async_engine import AsyncEngine
 
-QUESTIONS = ["What is the capital of France?", "And what river runs through it?", "Name a famous museum there.",
-             "What is a popular dish?", "Summarize our chat in one line."]
+QUESTIONS = ["What is the capital of France?", "And what river runs through it?",
+             "Name a famous museum there.", "What is a popular dish?", "Summarize our chat in one line."]
 BLOCK = 16
 
 

@@ -50,6 +50,10 @@ def test_openai_structured_outputs(openai_client):
     reply = openai_client.chat.completions.create(model="tiny", messages=ASK, max_tokens=80,
                                                   response_format=schema_format, temperature=1.0, seed=2)
     jsonschema.validate(json.loads(reply.choices[0].message.content), WEATHER)
+    reply = openai_client.chat.completions.create(model="tiny", messages=ASK, max_tokens=200,
+                                                  response_format={"type": "json_object"}, temperature=0)
+    content = reply.choices[0].message.content
+    assert reply.choices[0].finish_reason == "length" or isinstance(json.loads(content), dict)
     choice = {"structured_outputs": {"choice": ["yes", "no"]}}
     reply = openai_client.chat.completions.create(model="tiny", messages=ASK, max_tokens=5, extra_body=choice)
     assert reply.choices[0].message.content in ("yes", "no")
@@ -80,6 +84,9 @@ def test_openai_tool_calls_required_named_and_a_round_trip(openai_client, stream
             call_id, name, arguments = call.id, call.function.name, call.function.arguments
         assert finish == "tool_calls" and name == "get_weather"
         jsonschema.validate(json.loads(arguments), WEATHER)
+    auto = ask(ASK, tool_choice="auto")  # the model may answer or call; a call is valid either way
+    if not stream and auto.choices[0].message.tool_calls:
+        jsonschema.validate(json.loads(auto.choices[0].message.tool_calls[0].function.arguments), WEATHER)
     # The result goes back as a tool message; the model answers (in text: tool_choice none).
     history = ASK + [{"role": "assistant", "content": None, "tool_calls": [
         {"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}]},

@@ -23,8 +23,10 @@ from fastapi.responses import StreamingResponse
 from pico_vllm.outputs import RequestOutput
 from pico_vllm.sampling_params import SamplingParams
 from pico_vllm.server.async_engine import AsyncEngine, RequestStream
+from pico_vllm.server.chat import ReplyReader
 from pico_vllm.server.metrics import RequestRecord
 from pico_vllm.server.protocol import APIError, SamplingFields
+from pico_vllm.tool_calls import ToolCall, ToolCallParser
 
 T = TypeVar("T")
 
@@ -192,3 +194,46 @@ async def respond(request: Request, body: SamplingFields, model: str, kind: str,
         yield "data: [DONE]\n\n"
 
     return StreamingResponse(events(), media_type="text/event-stream")
+
+
+class ChatReplies:
+    """What a chat reply sends, choice by choice: content, ``reasoning_content`` and
+    ``tool_calls`` (``finish_reason`` ``tool_calls`` when it called), streamed or whole."""
+
+    def __init__(self, parser: ToolCallParser | None, reasoning: bool) -> None:
+        self.parser, self.reasoning = parser, reasoning
+        self.readers: dict[str, ReplyReader] = {}
+
+    def _reader(self, out: RequestOutput) -> ReplyReader:
+        return self.readers.setdefault(out.request_id, ReplyReader(self.parser, self.reasoning))
+
+    def delta_choice(self, out: RequestOutput, _delta_text: str) -> dict:
+        reader = self._reader(out)
+        pieces = reader.delta(out.text)
+        delta = {"reasoning_content": pieces.get("reasoning"), "content": pieces.get("content")}
+        choice = {}
+        if out.finished:
+            rest, calls = reader.rest(out.text)
+            delta["content"] = (delta["content"] or "") + rest or None
+            if calls:
+                delta["tool_calls"] = [_call_json(c) | {"index": i} for i, c in enumerate(calls)]
+                choice["finish_reason"] = _finish_reason(out, calls)
+        choice["delta"] = {k: v for k, v in delta.items() if v is not None}
+        return choice
+
+    def final_choice(self, out: RequestOutput) -> dict:
+        reasoning, content, calls = self._reader(out).final(out.text)
+        message = {"role": "assistant", "content": content if content or not calls else None}
+        if reasoning is not None:
+            message["reasoning_content"] = reasoning
+        if calls:
+            message["tool_calls"] = [_call_json(c) for c in calls]
+        return {"message": message, "finish_reason": _finish_reason(out, calls)}
+
+
+def _call_json(call: ToolCall) -> dict:
+    return {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
+
+
+def _finish_reason(out: RequestOutput, calls: list[ToolCall]) -> str | None:
+    return "tool_calls" if calls and out.finish_reason == "stop" else out.finish_reason

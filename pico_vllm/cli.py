@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
 import os
 import re
@@ -79,9 +80,20 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
                 parser.add_argument(f"--{name}", action="store_true",
                                     help=f"turn on (off by default): {helps[field.name]}")
             continue
-        kind = str if field.type == "str" else int
+        kind = {"str": str, "dict | None": _json_object}.get(field.type, int)
         parser.add_argument(f"--{name}", type=kind, default=field.default,
                             choices=_CHOICES.get(field.name), help=helps[field.name])
+
+
+def _json_object(text: str) -> dict:
+    """A flag's JSON object value (``--speculative-config '{"method": "ngram"}'``)."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({exc}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
+    return value
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:

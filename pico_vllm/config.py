@@ -3,7 +3,7 @@ flags with it before MLX is imported)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 # On the CPU backend there is no unified-memory budget to read, so the pool gets a fixed size.
 CPU_KV_CACHE_BYTES = 512 * 1024**2
@@ -40,6 +40,10 @@ class EngineConfig:
         seed: seed of the global RNG used by requests that give no seed of their own.
         tensor_parallel_size: ranks the model is split over (tensor parallelism); more than 1
             needs that many processes started by ``mlx.launch`` (see the README).
+        speculative_config: speculative decoding, as vLLM spells it (JSON on the command line):
+            ``{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4,
+            "prompt_lookup_min": 2}`` drafts tokens by prompt lookup and verifies them in the
+            batch; outputs are unchanged (the engine then steps synchronously).
     """
 
     model: str | None = None
@@ -57,6 +61,7 @@ class EngineConfig:
     async_scheduling: bool = True
     seed: int = 0
     tensor_parallel_size: int = 1
+    speculative_config: dict | None = None
 
     def __post_init__(self) -> None:
         if self.model_impl not in ("auto", "pico-vllm", "mlx-lm"):
@@ -83,4 +88,48 @@ class EngineConfig:
             raise ValueError(
                 f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}"
             )
+        if self.speculative_config is not None:  # validated now, before any model is loaded
+            SpeculativeConfig.from_dict(self.speculative_config)
+
+    @property
+    def speculative(self) -> SpeculativeConfig | None:
+        """``speculative_config`` validated, or None without speculation."""
+        if self.speculative_config is None:
+            return None
+        return SpeculativeConfig.from_dict(self.speculative_config)
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    """vLLM's ``speculative_config`` for prompt lookup (n-gram drafts, no second model): draft up
+    to ``num_speculative_tokens`` tokens that followed the latest earlier occurrence of the last
+    ``n`` tokens, ``n`` from ``prompt_lookup_max`` down to ``prompt_lookup_min``."""
+
+    method: str = "ngram"
+    num_speculative_tokens: int = 4
+    prompt_lookup_max: int = 4
+    prompt_lookup_min: int = 2
+
+    @classmethod
+    def from_dict(cls, config: dict) -> SpeculativeConfig:
+        """Validated: an unknown key, another method or a bad size is a ValueError naming it."""
+        if not isinstance(config, dict):
+            raise ValueError(f"speculative_config must be a dict, got {type(config).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(config) - known)
+        if unknown:
+            extra = " (a draft model is not supported yet)" if "model" in unknown else ""
+            raise ValueError(f"speculative_config: unknown key(s) {unknown}{extra}; known: {sorted(known)}")
+        if config.get("method", "ngram") != "ngram":
+            raise ValueError(f"speculative_config: method {config['method']!r} is not supported; "
+                             "'ngram' (prompt lookup) is")
+        spec = cls(**config)
+        for name in ("num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min"):
+            value = getattr(spec, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"speculative_config: {name} must be an int >= 1, got {value!r}")
+        if spec.prompt_lookup_min > spec.prompt_lookup_max:
+            raise ValueError("speculative_config: prompt_lookup_min must be <= prompt_lookup_max, "
+                             f"got {spec.prompt_lookup_min} > {spec.prompt_lookup_max}")
+        return spec
 

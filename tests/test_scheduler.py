@@ -31,7 +31,7 @@ def step(s: Scheduler, token: int = 7):
     sampled = [seq for seq, n in out.scheduled if seq.num_computed_tokens + n == seq.num_tokens]
     s.advance(out, sampled)
     for seq in sampled:
-        s.token_known(seq, seq.num_tokens - 1, token)
+        s.tokens_known(seq, seq.num_tokens - 1, [token])
     for seq, _ in out.scheduled:
         if seq.num_output_tokens >= seq.params.max_tokens:
             s.finish(seq, "length")

@@ -4,7 +4,9 @@ The scheduler hands over ``(sequence, n)`` pairs: compute ``n`` more tokens of e
 The runner lays them out as one flat batch of ``T`` tokens — single-token queries (decodes)
 first, then multi-token prefill chunks — with, per token, its id, its position and the pool slot
 its K/V goes to, and per sequence its block table and context length. One forward pass later,
-the last position of every sequence whose known tokens are now all computed is sampled.
+the last position of every sequence whose known tokens are now all computed is sampled. A
+sequence with drafts (speculative decoding) is a chunk like a prompt's, sampled at every
+position, and keeps the drafts its samples agree with (``speculative.accepted``).
 
 Decode-only steps run through captured graphs (``decode_graphs.py``), padded to a bucket; steps
 with prefill chunks run eagerly: their shapes (chunk lengths, how many chunks) vary too much for
@@ -26,6 +28,7 @@ from pico_vllm.config import CPU_KV_CACHE_BYTES, EngineConfig
 from pico_vllm.engine.decode_graphs import DecodeGraphs
 from pico_vllm.engine.scheduler import SchedulerOutput
 from pico_vllm.engine.sequence import NO_BLOCK, PLACEHOLDER, Sequence
+from pico_vllm.engine.speculative import DraftPosition, accepted
 from pico_vllm.layers.attention import AttentionMetadata, PrefillChunk
 from pico_vllm.layers.kv_cache import KVCache, KVSpec
 from pico_vllm.layers.sampler import PendingSamples, Sampler
@@ -47,37 +50,47 @@ class PendingStep:
     """A step whose computation is queued but not yet read back.
 
     ``start`` hands it to MLX to evaluate in the background; ``resolve`` is the step's one host
-    sync: it waits for the pool writes and the samples and returns each sampling sequence's
-    :class:`Sample`. Until then, ``token_ids`` are the samples on the device, which the next step
-    can already take as its input ids (asynchronous scheduling).
+    sync: it waits for the pool writes and the samples and returns each sampling sequence's new
+    :class:`Sample` s (one, or its kept drafts and the token after them). Until then,
+    ``token_ids`` are the samples on the device, which the next step can already take as its
+    input ids (asynchronous scheduling).
     """
 
-    def __init__(self, seqs: list[Sequence], samples: PendingSamples | None, state: list[mx.array]):
+    def __init__(
+        self, seqs: list[Sequence], samples: PendingSamples | None, state: list[mx.array],
+        drafts: dict[Sequence, list[int]] | None = None,
+    ):
         self.seqs, self._samples, self._state = seqs, samples, state
-        self._rows = {seq: row for row, seq in enumerate(seqs)}
+        self.drafts = drafts or {}
+        # Each sequence's first row of samples; one per position of its chunk where it drafted.
+        widths = [1 + len(self.drafts.get(seq, ())) for seq in seqs]
+        self._rows = dict(zip(seqs, np.cumsum([0, *widths[:-1]]).tolist()))
 
     @property
     def token_ids(self) -> mx.array | None:
         return None if self._samples is None else self._samples.token_ids
 
     def row_of(self, seq: Sequence) -> int:
-        """Where ``seq``'s new token is in ``token_ids``."""
+        """Where ``seq``'s (first) new token is in ``token_ids``."""
         return self._rows[seq]
 
     def start(self) -> None:
         mx.async_eval(self._samples or [], self._state)
 
-    def resolve(self) -> dict[Sequence, Sample]:
+    def resolve(self) -> dict[Sequence, list[Sample]]:
         if self._samples is None:
             mx.eval(self._state)  # a step of only mid-prompt chunks still fills the pool
             return {}
         mx.eval(self._samples, self._state)
         out = self._samples.resolve()
-        logprobs = out.logprobs or [None] * len(self.seqs)
-        return {
-            seq: Sample(token, logprob, top)
-            for seq, token, logprob, top in zip(self.seqs, out.token_ids, logprobs, out.top_logprobs)
-        }
+        logprobs = out.logprobs or [None] * len(out.token_ids)
+        rows = list(zip(out.token_ids, logprobs, out.top_logprobs))
+        samples = {}
+        for seq in self.seqs:
+            first, drafts = self._rows[seq], self.drafts.get(seq, [])
+            tokens = accepted(drafts, out.token_ids[first : first + len(drafts) + 1])
+            samples[seq] = [Sample(*row) for row in rows[first : first + len(tokens)]]
+        return samples
 
 
 def resolve_num_blocks(config: EngineConfig, model: nn.Module, dtype: mx.Dtype) -> int:
@@ -127,27 +140,42 @@ class ModelRunner:
         that sampled it, not yet read back) on the device.
         """
         batch = sorted(out.scheduled, key=lambda item: item[1] > 1)  # stable: decodes first
-        # A sequence samples once every token it knows has its K/V computed.
-        rows = [i for i, (seq, n) in enumerate(batch) if seq.num_computed_tokens + n == seq.num_tokens]
+        drafts = out.drafts
+        # A sequence samples once every token it knows (and its drafts) has its K/V computed.
+        rows = [
+            i for i, (seq, n) in enumerate(batch)
+            if seq.num_computed_tokens + n == seq.num_tokens + len(drafts.get(seq, ()))
+        ]
         seqs = [batch[i][0] for i in rows]
-        index = mx.array(rows)
+        requests = seqs
         if all(n == 1 for _, n in batch):
             logits, argmax = self._run_decode(batch, previous)  # every row: the graph's shape
+            index = mx.array(rows)
             logits, argmax = (logits[index], argmax[index]) if rows else (logits, argmax)
         else:
-            input_ids, positions, meta = self.prepare(batch)
+            input_ids, positions, meta = self.prepare(batch, drafts)
             input_ids = self._take_placeholders(input_ids, batch, previous)
-            # The LM head only for the rows that sample: mid-prompt chunks need no logits.
-            last_row = mx.array((np.cumsum([n for _, n in batch]) - 1)[rows])
-            logits = self.model(input_ids, positions, self.cache, meta, last_row).astype(mx.float32)
-            argmax = None
+            # The LM head only for the rows that sample: mid-prompt chunks need no logits; a
+            # drafting sequence samples at its chunk's every position, as if its drafts were out.
+            ends = np.cumsum([n for _, n in batch]).tolist()
+            logit_rows, requests = [], []
+            for i in rows:
+                seq = batch[i][0]
+                if seq in drafts:
+                    logit_rows += range(ends[i] - 1 - len(drafts[seq]), ends[i])
+                    requests += [DraftPosition(seq, drafts[seq][:j]) for j in range(len(drafts[seq]) + 1)]
+                else:
+                    logit_rows.append(ends[i] - 1)
+                    requests.append(seq)
+            logits = self.model(input_ids, positions, self.cache, meta, mx.array(logit_rows, mx.int32))
+            logits, argmax = logits.astype(mx.float32), None
         if not rows:
             return PendingStep([], None, self.cache.state)
         if argmax is not None and self.sampler.is_plain_argmax(seqs):
             samples = PendingSamples(argmax, [None] * len(seqs))
         else:
-            samples = self.sampler.sample(logits, seqs)
-        return PendingStep(seqs, samples, self.cache.state)
+            samples = self.sampler.sample(logits, requests)
+        return PendingStep(seqs, samples, self.cache.state, drafts)
 
     def capture_all(self, progress=None) -> int:
         """Trace every decode bucket now (vLLM-style start-up capture); returns how many."""
@@ -220,11 +248,15 @@ class ModelRunner:
             tables[:, row, : table.shape[1]] = table
         return [mx.array(a) for a in (ids, positions, slot_blocks, slot_offsets, tables, lengths)]
 
-    def prepare(self, batch: list[tuple[Sequence, int]]) -> tuple[mx.array, mx.array, AttentionMetadata]:
-        """Flat ``input_ids[T]``, ``positions[T]`` and the attention metadata of a mixed step.
+    def prepare(
+        self, batch: list[tuple[Sequence, int]], drafts: dict[Sequence, list[int]] | None = None
+    ) -> tuple[mx.array, mx.array, AttentionMetadata]:
+        """Flat ``input_ids[T]``, ``positions[T]`` and the attention metadata of a mixed step;
+        a sequence's ``drafts`` follow its known tokens.
 
         ``batch`` must list single-token queries before multi-token chunks.
         """
+        drafts = drafts or {}
         bs, groups = self.block_size, len(self.cache.layout.windows)
         ids, pos, slot_blocks = [], [], []
         decode_tables, decode_lens, prefills = [], [], []
@@ -234,7 +266,8 @@ class ModelRunner:
             positions = np.arange(first, first + n, dtype=np.int32)
             context_len = first + n
             table = self._tables(seq, -(-context_len // bs))
-            ids.append(np.asarray(seq.token_ids[first : first + n], dtype=np.int32))
+            tokens = seq.token_ids[first : first + n] + drafts.get(seq, [])
+            ids.append(np.asarray(tokens[:n], dtype=np.int32))
             pos.append(positions)
             slot_blocks.append(table[:, positions // bs])
             if n == 1:

@@ -12,6 +12,10 @@ A waiting prompt whose first block equals that of a running sequence still compu
 waits for it (admission pauses, FIFO): blocks enter the prefix cache only once computed, so
 requests that arrive together with a shared system prompt would otherwise all compute it. One
 step later they find it cached and compute only their own tokens.
+
+With speculative decoding a decoding sequence may also compute *drafts*: guessed next tokens,
+verified in the same step (``speculative.py``). They use budget left by the decodes before them,
+and never cost another sequence its blocks.
 """
 
 from __future__ import annotations
@@ -23,15 +27,17 @@ from dataclasses import dataclass, field
 from pico_vllm.config import EngineConfig
 from pico_vllm.engine.block_manager import BlockManager
 from pico_vllm.engine.sequence import PLACEHOLDER, Sequence, SequenceStatus
+from pico_vllm.engine.speculative import NgramProposer
 
 
 @dataclass
 class SchedulerOutput:
     """One step's work: for each ``(seq, n)``, compute
-    ``seq.token_ids[seq.num_computed_tokens : seq.num_computed_tokens + n]``."""
+    ``(seq.token_ids + drafts[seq])[seq.num_computed_tokens : seq.num_computed_tokens + n]``."""
 
     scheduled: list[tuple[Sequence, int]] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
+    drafts: dict[Sequence, list[int]] = field(default_factory=dict)  # guesses to verify
 
     @property
     def is_empty(self) -> bool:
@@ -45,9 +51,12 @@ class SchedulerOutput:
 class Scheduler:
     """Continuous batching over a fixed block pool (see the module docstring)."""
 
-    def __init__(self, config: EngineConfig, windows: tuple[int | None, ...] = (None,)) -> None:
+    def __init__(
+        self, config: EngineConfig, windows: tuple[int | None, ...] = (None,),
+        proposer: NgramProposer | None = None,
+    ) -> None:
         """``windows``: each layer group's sliding window (None: full attention; see
-        ``BlockManager``)."""
+        ``BlockManager``); ``proposer`` drafts tokens for decoding sequences (speculation)."""
         assert config.num_blocks is not None and config.max_model_len is not None
         self.config = config
         self.block_manager = BlockManager(
@@ -55,6 +64,7 @@ class Scheduler:
         )
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order
+        self.proposer = proposer
 
     @property
     def num_waiting(self) -> int:
@@ -89,6 +99,10 @@ class Scheduler:
                 i += 1  # its last token is still on its way to the host: nothing more to compute
                 continue
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            drafts = self._draft(seq, budget) if n == 1 else []
+            if drafts and self.block_manager.allocate(seq, seq.num_computed_tokens + 1 + len(drafts)):
+                out.drafts[seq] = drafts
+                n += len(drafts)  # (allocated just now: the loop below finds room at once)
             while not self.block_manager.allocate(seq, seq.num_computed_tokens + n):
                 victim = self.running.pop()  # the most recently admitted
                 self._preempt(victim)
@@ -134,9 +148,15 @@ class Scheduler:
             if seq in sampling:
                 seq.append_token(PLACEHOLDER)
 
-    def token_known(self, seq: Sequence, index: int, token_id: int) -> None:
-        """The token sampled at ``index`` reached the host: blocks it completes can be cached."""
-        seq.fill_placeholder(index, token_id)
+    def tokens_known(self, seq: Sequence, index: int, token_ids: list[int], num_rejected: int = 0) -> None:
+        """The tokens sampled from ``index`` on reached the host (more than one where drafts were
+        kept): blocks they complete can be cached. The K/V of the ``num_rejected`` drafts after
+        the kept ones is rolled back first: it was computed from wrong tokens, so it neither
+        counts as computed nor enters the prefix cache (the next steps overwrite it)."""
+        seq.num_computed_tokens -= num_rejected
+        seq.fill_placeholder(index, token_ids[0])
+        for token_id in token_ids[1:]:
+            seq.append_token(token_id)
         self.block_manager.cache_full_blocks(seq)
 
     def finish(self, seq: Sequence, reason: str) -> None:
@@ -156,6 +176,23 @@ class Scheduler:
                 self.finish(seq, "abort")
                 return True
         return False
+
+    def _draft(self, seq: Sequence, budget: int) -> list[int]:
+        """Up to ``num_speculative_tokens`` guesses at ``seq``'s next tokens, as many as fit the
+        budget, its ``max_tokens`` and ``max_model_len`` (every one might be kept). None for a
+        grammar's requests (their tokens must follow the grammar) or while drafting pauses."""
+        if self.proposer is None or seq.grammar is not None:
+            return []
+        if seq.draft_pause:
+            seq.draft_pause -= 1
+            return []
+        k = min(
+            self.proposer.config.num_speculative_tokens,
+            budget - 1,
+            seq.params.max_tokens - seq.num_output_tokens - 1,
+            self.config.max_model_len - seq.num_tokens - 1,
+        )
+        return self.proposer.propose(seq.token_ids, k) if k > 0 else []
 
     def _reached_length(self, seq: Sequence) -> bool:
         return (

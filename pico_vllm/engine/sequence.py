@@ -52,6 +52,9 @@ class Sequence:
         self.finish_reason: str | None = None
         # An llguidance matcher following the output, for a request with structured outputs.
         self.grammar = None
+        # Speculative decoding: drafts rejected in a row, and steps left without drafting.
+        self.draft_failures = 0
+        self.draft_pause = 0
 
     @property
     def block_table(self) -> list[int]:

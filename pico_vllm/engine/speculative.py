@@ -1,0 +1,99 @@
+"""Speculative decoding with n-gram drafts (prompt lookup), verified inside the continuous batch.
+
+A sequence that is decoding may *draft* up to ``k`` tokens: where its last ``n`` tokens occurred
+earlier in its prompt or output, the tokens that followed them there are a guess at what comes
+next (code being edited, a document being quoted, a list being continued). The step then computes
+the sequence's pending token and its drafts as one chunk of ``1 + k`` query tokens, like a prefill
+chunk, and samples a token at every position of the chunk, each with the sequence's own
+parameters as if the drafts before it had been generated (``DraftPosition``).
+
+Verification keeps the drafts the target agrees with: while the token sampled at position ``i``
+equals draft ``i`` the draft stands; the first disagreement (or, when all drafts stand, the token
+after them) is the step's last token. A draft proposes one token with certainty, so drawing from
+the target and comparing is rejection sampling exactly (accept ``d`` with probability ``p(d)``,
+else draw from ``p`` without ``d``): greedy and seeded requests produce token for token what they
+produce without speculation (the noise of output position ``j`` is the same either way), and
+unseeded ones the same distribution. The K/V computed for rejected drafts sits past the
+sequence's computed length and is overwritten later; rejected tokens never enter the prefix cache.
+
+Drafting needs the last token on the host, so an engine with speculation steps synchronously.
+A sequence whose drafts keep failing pauses drafting (``pause``), so a workload without
+repetition costs little.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from pico_vllm.config import SpeculativeConfig
+from pico_vllm.engine.sequence import Sequence
+from pico_vllm.sampling_params import SamplingParams
+
+MAX_PAUSE = 16  # steps without drafts, at most, after drafts kept failing
+
+
+class NgramProposer:
+    """Drafts from the sequence's own tokens (vLLM's ``NgramProposer``)."""
+
+    def __init__(self, config: SpeculativeConfig) -> None:
+        self.config = config
+
+    def propose(self, token_ids: list[int], k: int) -> list[int]:
+        """Up to ``k`` tokens that followed the latest earlier occurrence of the last ``n`` tokens,
+        for the longest ``n`` from ``prompt_lookup_max`` down to ``prompt_lookup_min`` that occurs."""
+        tokens = np.asarray(token_ids)
+        longest = min(self.config.prompt_lookup_max, len(tokens) - 1)
+        for n in range(longest, self.config.prompt_lookup_min - 1, -1):
+            pattern = tokens[-n:]
+            # Every window of n tokens that ends before the last token: where the pattern was.
+            windows = np.lib.stride_tricks.sliding_window_view(tokens[:-1], n)
+            hits = np.flatnonzero((windows == pattern).all(axis=1))
+            if len(hits):
+                # The latest occurrence followed by k tokens (the freshest context), else the
+                # earliest (in a loop, the one followed by the most tokens).
+                whole = hits[hits + n + k <= len(tokens)]
+                start = (whole[-1] if len(whole) else hits[0]) + n
+                return tokens[start : start + k].tolist()
+        return []
+
+
+class DraftPosition:
+    """What the sampler sees at position ``i`` of a verified chunk: the sequence as if its first
+    ``i`` drafts had been generated (penalties count them, ``min_tokens`` and seeds use the output
+    position). Satisfies the sampler's ``SamplingRequest``."""
+
+    grammar = None  # requests with a grammar do not draft
+
+    def __init__(self, seq: Sequence, drafts: list[int]) -> None:
+        self.params: SamplingParams = seq.params
+        self.num_prompt_tokens = seq.num_prompt_tokens
+        self.token_ids = seq.token_ids + drafts
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+
+def accepted(drafts: list[int], sampled: list[int]) -> list[int]:
+    """The step's tokens: the drafts the target sampled too, then its first other token (or the
+    token after the last draft). ``sampled`` has one token per position, ``len(drafts) + 1``."""
+    keep = 0
+    while keep < len(drafts) and sampled[keep] == drafts[keep]:
+        keep += 1
+    return sampled[: keep + 1]
+
+
+def after_verification(seq: Sequence, drafted: int, kept: int) -> None:
+    """Adapt ``seq``'s drafting: every draft rejected doubles its pause (up to ``MAX_PAUSE``
+    steps), any draft kept ends it."""
+    if drafted == 0:
+        return
+    if kept == 0:
+        seq.draft_failures += 1
+        seq.draft_pause = min(MAX_PAUSE, 2 ** (seq.draft_failures - 1))
+    else:
+        seq.draft_failures = seq.draft_pause = 0

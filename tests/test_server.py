@@ -477,3 +477,21 @@ def test_tool_choice_none_and_auto_answer_in_text(tool_client):
         choice_json = response.json()["choices"][0]
         assert response.status_code == 200
         assert choice_json["finish_reason"] in ("stop", "length", "tool_calls")
+
+
+def test_a_speculative_server_answers_what_the_plain_one_does_and_reports_its_drafts(client, model_dir):
+    engine = AsyncEngine(EngineConfig(model=model_dir, num_blocks=64, max_model_len=256,
+                                      speculative_config={"method": "ngram", "prompt_lookup_min": 1}), "spec")
+    body = {"prompt": [5, 6, 7, 8, 9] * 4, "max_tokens": 24, "temperature": 0, "ignore_eos": True}
+    try:
+        with TestClient(create_app([engine], api_key=None, max_queue=8)) as spec:
+            got = spec.post("/v1/completions", json=body | {"model": "spec"}).json()
+            metrics = spec.get("/metrics").text
+    finally:
+        engine.shutdown()
+    expected = client.post("/v1/completions", json=body).json()
+    assert got["choices"] == expected["choices"] and got["usage"] == expected["usage"]
+    drafted = prometheus_sum(metrics, "pico_vllm_spec_decode_draft_tokens")
+    kept = prometheus_sum(metrics, "pico_vllm_spec_decode_accepted_tokens")
+    assert drafted > kept > 0 and prometheus_sum(metrics, "pico_vllm_spec_decode_verified_runs") > 0
+    assert kept == engine.engine.stats.accepted_draft_tokens

@@ -46,10 +46,11 @@ def launch_worker(tmp_path: Path, specs: list[dict], timeout: int = 240) -> subp
     return launch([str(TESTS / "tp_worker.py"), str(spec_file), str(tmp_path / "out")], timeout)
 
 
-def two_ranks_against_one_process(tmp_path: Path, models: list[Path], max_tokens: int):
-    """Each model decoded greedily by 2 ranks and by one process: yields, per model, the
-    one-process LLM and both ranks' reports, after checking the ranks' tokens equal its own."""
-    specs = [{"model": str(m), "engine": ENGINE, "prompts": PROMPTS, "max_tokens": max_tokens}
+def two_ranks_against_one_process(tmp_path: Path, models: list[Path], max_tokens: int, **ranks_engine):
+    """Each model decoded greedily by 2 ranks (with ``ranks_engine`` options on top of ``ENGINE``)
+    and by one process: yields, per model, the one-process LLM and both ranks' reports, after
+    checking the ranks' tokens equal its own."""
+    specs = [{"model": str(m), "engine": ENGINE | ranks_engine, "prompts": PROMPTS, "max_tokens": max_tokens}
              for m in models]
     result = launch_worker(tmp_path, specs)
     assert result.returncode == 0, result.stderr[-4000:]
@@ -77,6 +78,15 @@ def test_two_ranks_decode_what_one_process_decodes_with_half_the_heads_and_weigh
         for report in reports:
             assert report["preemptions"] > 0  # the small pool preempted, and recomputation agreed
             assert report["param_bytes"] == replicated + sharded // 2
+
+
+@pytest.mark.slow
+def test_two_ranks_verifying_drafts_decode_what_one_process_decodes_without(random_model, tmp_path):
+    """Every rank drafts the same tokens from the same outputs and keeps the same ones."""
+    model = random_model("llama", head_dim=32, num_attention_heads=4, num_key_value_heads=2)
+    speculative = {"method": "ngram", "prompt_lookup_min": 1}
+    [(_, reports)] = two_ranks_against_one_process(tmp_path, [model], 24, speculative_config=speculative)
+    assert reports[0]["accepted_draft_tokens"] == reports[1]["accepted_draft_tokens"] > 0
 
 
 @pytest.mark.slow

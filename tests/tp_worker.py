@@ -3,7 +3,7 @@
 Usage: ``tp_worker.py SPEC_JSON OUT_PREFIX``. For each run in the spec (a model folder, engine
 arguments, prompts, max_tokens) it builds the engine with ``tensor_parallel_size`` = the number
 of ranks, decodes the prompts greedily, and writes ``OUT_PREFIX.rank<R>.json``: per run, each
-prompt's tokens, the pool's KV-head count, this rank's parameter bytes, preemptions."""
+prompt's tokens, the pool's KV-head count, this rank's parameter bytes, preemptions, kept drafts."""
 
 from __future__ import annotations
 
@@ -35,6 +35,7 @@ def run(spec: dict, group: mx.distributed.Group) -> dict:
         "kv_heads": engine.runner.cache.state[0].shape[0],
         "param_bytes": sum(p.nbytes for _, p in tree_flatten(engine.model.parameters())),
         "preemptions": engine.stats.preemptions,
+        "accepted_draft_tokens": engine.stats.accepted_draft_tokens,
     }
 
 

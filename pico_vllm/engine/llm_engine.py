@@ -40,11 +40,17 @@ class EngineStats:
     preemptions: int = 0
     draft_tokens: int = 0  # speculative decoding: tokens drafted and verified
     accepted_draft_tokens: int = 0  # of those, kept
+    draft_runs: int = 0  # sequence-steps that verified drafts
 
     @property
     def draft_acceptance_rate(self) -> float | None:
         """Drafts kept / drafts verified (None before any draft)."""
         return self.accepted_draft_tokens / self.draft_tokens if self.draft_tokens else None
+
+    @property
+    def mean_accepted_length(self) -> float | None:
+        """Drafts kept per sequence-step that verified drafts (None before any)."""
+        return self.accepted_draft_tokens / self.draft_runs if self.draft_runs else None
 
 
 @dataclass
@@ -230,6 +236,7 @@ class LLMEngine:
             self.stats.generated_tokens += len(kept)
             self.stats.draft_tokens += drafted
             self.stats.accepted_draft_tokens += verified
+            self.stats.draft_runs += drafted > 0
             if reason is not None:
                 self.scheduler.finish(seq, reason)
                 self.stats.cached_prompt_tokens += seq.num_cached_tokens

@@ -49,6 +49,12 @@ class Metrics:
             "pico_vllm_prefix_cache_hit_tokens": ("prompt tokens served by the prefix cache",
                                                   lambda e: e.engine.stats.cached_prompt_tokens),
             "pico_vllm_preemptions": ("sequences preempted", lambda e: e.engine.stats.preemptions),
+            "pico_vllm_spec_decode_draft_tokens": ("speculative decoding: tokens drafted and verified",
+                                                   lambda e: e.engine.stats.draft_tokens),
+            "pico_vllm_spec_decode_accepted_tokens": ("speculative decoding: drafted tokens kept",
+                                                      lambda e: e.engine.stats.accepted_draft_tokens),
+            "pico_vllm_spec_decode_verified_runs": ("speculative decoding: sequence-steps with drafts",
+                                                    lambda e: e.engine.stats.draft_runs),
         }
         for name, (doc, read) in gauges.items():
             gauge = Gauge(name, doc, ["model"], registry=self.registry)

@@ -5,6 +5,8 @@ same number of tokens), on the same weights:
 
 - ``pico-vllm``: this engine, decode steps through captured graphs;
 - ``pico-vllm eager``: the same with ``enforce_eager=True``;
+- ``pico-vllm ngram``: the same with speculative decoding by prompt lookup
+  (``--speculative-config``, default ``SPECULATIVE_DEFAULT``);
 - ``pico-vllm mlx-lm``: this engine running mlx-lm's model code through the paged adapter
   (``models/mlx_lm_adapter.py``) instead of our own model file: what every other architecture
   runs on (not in the default selection);
@@ -13,7 +15,9 @@ same number of tokens), on the same weights:
 
 Workloads: ``mixed`` (many requests, prompt and output lengths uniform in ranges: nano-vllm's
 bench shape, scaled to a laptop), ``shared-prefix`` (requests sharing a long system prompt),
-``single`` (one stream), ``online`` (Poisson arrivals in real time through ``LLMEngine``,
+``single`` (one stream), ``repetitive`` (8 chat requests to repeat a passage of Python code
+taken from this package's own source: outputs that copy their input, where drafts pay; the
+single-stream case is ``--max-num-seqs 1``), ``online`` (Poisson arrivals in real time through ``LLMEngine``,
 reporting vLLM's ``bench serve`` metrics — TTFT, TPOT, ITL — over a sweep of rates; the
 pico-vllm engines only), ``steps`` (a decode step at batch 1 and 8 and a 512-token prefill,
 timed on each pico-vllm engine in turn, repeated: the model code's own speed) and
@@ -35,11 +39,13 @@ from pathlib import Path
 
 import numpy as np
 
-ENGINES = ("pico-vllm", "pico-vllm eager", "pico-vllm mlx-lm", "mlx-lm batch", "mlx-lm sequential")
-WORKLOADS = ("mixed", "shared-prefix", "single", "online", "steps", "structured")
+ENGINES = ("pico-vllm", "pico-vllm eager", "pico-vllm ngram", "pico-vllm mlx-lm", "mlx-lm batch",
+           "mlx-lm sequential")
+WORKLOADS = ("mixed", "shared-prefix", "single", "repetitive", "online", "steps", "structured")
 # What a bare `pico-vllm bench` (and `make run`) runs: the comparisons with mlx-lm.
-DEFAULT_ENGINES = ("pico-vllm", "pico-vllm eager", "mlx-lm batch", "mlx-lm sequential")
-DEFAULT_WORKLOADS = ("mixed", "shared-prefix", "single", "online")
+DEFAULT_ENGINES = ("pico-vllm", "pico-vllm eager", "pico-vllm ngram", "mlx-lm batch", "mlx-lm sequential")
+DEFAULT_WORKLOADS = ("mixed", "shared-prefix", "single", "repetitive", "online")
+SPECULATIVE_DEFAULT = {"method": "ngram", "num_speculative_tokens": 8}  # the ngram engine's
 PICO_ONLY = ("online", "steps", "structured")  # workloads that run on the pico-vllm engines only
 
 
@@ -73,8 +79,9 @@ class Result:
         return self.output_tokens / self.seconds if self.seconds else 0.0
 
 
-def make_workload(name: str, vocab_size: int, quick: bool, seed: int = 0) -> Workload:
-    """The named workload's requests: random token ids (from 10, clear of special tokens)."""
+def make_workload(name: str, vocab_size: int, quick: bool, seed: int = 0, tokenizer=None) -> Workload:
+    """The named workload's requests: random token ids (from 10, clear of special tokens), or for
+    ``repetitive`` chat prompts made with ``tokenizer`` (``repetitive_prompts``)."""
     rng = np.random.default_rng(seed)
 
     def tokens(n: int) -> list[int]:
@@ -93,7 +100,35 @@ def make_workload(name: str, vocab_size: int, quick: bool, seed: int = 0) -> Wor
     if name == "single":
         prompt, output = (32, 32) if quick else (128, 128)
         return Workload(name, [(tokens(prompt), output)])
+    if name == "repetitive":
+        if tokenizer is None:
+            raise ValueError("the repetitive workload needs the model's tokenizer")
+        lines, output = (12, 64) if quick else (25, 128)
+        prompts = repetitive_prompts(8, seed, lines)
+        return Workload(name, [(_chat(tokenizer, text), output) for text in prompts])
     raise ValueError(f"unknown workload {name!r}; choose from {', '.join(WORKLOADS)}")
+
+
+def repetitive_prompts(count: int, seed: int = 0, lines: int = 25) -> list[str]:
+    """``count`` requests to repeat ``lines`` lines of Python code, each from another module of
+    this package (its own source: shipped, offline, and code that an assistant gets to copy)."""
+    sources = sorted(Path(__file__).parent.rglob("*.py"))
+    rng = np.random.default_rng(seed)
+    prompts = []
+    for index in rng.choice(len(sources), size=count, replace=len(sources) < count):
+        code = sources[index].read_text().splitlines()
+        start = int(rng.integers(0, max(1, len(code) - lines)))
+        passage = "\n".join(code[start : start + lines])
+        prompts.append(f"Repeat this Python code exactly:\n\n```python\n{passage}\n```")
+    return prompts
+
+
+def _chat(tokenizer, text: str) -> list[int]:
+    """``text`` as a user turn in the model's chat template (plain text without one)."""
+    if getattr(tokenizer, "chat_template", None):
+        messages = [{"role": "user", "content": text}]
+        return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True))
+    return list(tokenizer.encode(text))
 
 
 def check_selection(workloads: list[str], engines: list[str]) -> None:
@@ -129,6 +164,13 @@ def format_table(results: list[Result], facts: dict) -> str:
         lines.append(f"{r.workload:<14} {r.engine:<18} {r.tokens_per_second:>8.1f} {ratios[0]:>9} "
                      f"{ratios[1]:>7} {100 * achieved / facts['peak_matmul_flops']:>6.1f}% "
                      f"{r.seconds:>8.2f}")
+    drafting = [r for r in offline if r.extra.get("drafted")]
+    if drafting:
+        lines += ["", "speculative decoding (" + json.dumps(facts["speculative_config"]) + "): drafts kept"]
+        for r in drafting:
+            e = r.extra
+            lines.append(f"{r.workload:<14} {r.engine:<18} {e['kept']}/{e['drafted']} = "
+                         f"{e['kept'] / e['drafted']:.0%}, {e['kept'] / e['verified_runs']:.2f} per run")
     online = [r for r in results if r.workload == "online"]
     if online:
         lines += [""] if lines else []

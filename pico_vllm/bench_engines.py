@@ -14,6 +14,7 @@ from tqdm import tqdm
 
 from pico_vllm.bench import (
     PICO_ONLY,
+    SPECULATIVE_DEFAULT,
     STEP_KEYS,
     STRUCTURED_KEYS,
     Result,
@@ -212,23 +213,28 @@ def benchmark(
     rates: list[float],
     max_num_seqs: int = 32,
     progress: bool = True,
+    speculative_config: dict | None = None,
 ) -> tuple[list[Result], dict]:
     """Run ``workloads`` x ``engines``; returns the results and the machine facts. Every engine
     first runs each workload's requests once untimed (graphs traced, MLX's buffer cache grown),
-    with the prefix cache reset before each timed run, online rates included."""
+    with the prefix cache reset before each timed run, online rates included. The ngram engine
+    runs ``speculative_config`` (default ``SPECULATIVE_DEFAULT``)."""
     check_selection(workloads, engines)
     loaded = load(model)
     num_params = sum(p.size for _, p in tree_flatten(loaded.model.parameters()))
     vocab = loaded.model.vocab_size
     facts = {"model": loaded.name, "parameters": num_params,
              "peak_matmul_flops": peak_matmul_flops(loaded.config["hidden_size"]),
-             "device": str(mx.default_device()), "quick": quick}
+             "device": str(mx.default_device()), "quick": quick,
+             "speculative_config": speculative_config or SPECULATIVE_DEFAULT}
     offline = [w for w in workloads if w not in PICO_ONLY]
     pico_names = [e for e in engines if e.startswith("pico-vllm")]
     used = [e for e in engines if offline or (e in pico_names and set(workloads) & set(PICO_ONLY))]
     twin = mlx_lm_twin(loaded) if {"mlx-lm batch", "mlx-lm sequential"} & set(used) else None
-    pico = {name: LLMEngine(EngineConfig(model=model, max_num_seqs=max_num_seqs,
-                                         enforce_eager=name.endswith("eager")), pico_model(name, loaded))
+    pico = {name: LLMEngine(EngineConfig(
+                model=model, max_num_seqs=max_num_seqs, enforce_eager=name.endswith("eager"),
+                speculative_config=facts["speculative_config"] if name.endswith("ngram") else None,
+            ), pico_model(name, loaded))
             for name in used if name.startswith("pico-vllm")}
     runners: dict[str, Callable[[Workload], tuple[float, int]]] = {
         name: (lambda w, e=engine: run_pico(e, w)) for name, engine in pico.items()
@@ -243,15 +249,18 @@ def benchmark(
     results: list[Result] = []
     jobs = [(w, e) for w in offline for e in engines]
     for workload_name, engine in tqdm(jobs, desc="bench", disable=not progress or not jobs):
-        workload = make_workload(workload_name, vocab, quick)
+        workload = make_workload(workload_name, vocab, quick, tokenizer=loaded.tokenizer)
         if engine != "mlx-lm sequential":
             # An untimed run of the same requests first, as a server would have warmed up: it
             # traces the decode graphs the workload needs and grows MLX's buffer cache.
             runners[engine](workload)
             if engine in pico:
                 pico[engine].reset_prefix_cache()
+        drafts_before = _draft_counts(pico.get(engine))
         seconds, produced = runners[engine](workload)
-        results.append(Result(workload_name, engine, seconds, workload.prompt_tokens, produced))
+        drafted, kept, runs = np.subtract(_draft_counts(pico.get(engine)), drafts_before).tolist()
+        extra = {"drafted": drafted, "kept": kept, "verified_runs": runs} if drafted else {}
+        results.append(Result(workload_name, engine, seconds, workload.prompt_tokens, produced, extra))
     online_engines = pico_names if "online" in workloads else []
     online_jobs = [(e, rate) for e in online_engines for rate in rates]
     workload = make_workload("mixed", vocab, quick, seed=1)
@@ -270,6 +279,13 @@ def benchmark(
         steps = run_steps({name: pico[name] for name in pico_names}, vocab, repeats=3 if quick else 7)
         results += [Result("steps", name, 0.0, 0, 0, extra) for name, extra in steps.items()]
     return results, facts
+
+
+def _draft_counts(engine: LLMEngine | None) -> tuple[int, int, int]:
+    """Speculative decoding's running totals: drafted, kept, sequence-steps that drafted."""
+    if engine is None:
+        return 0, 0, 0
+    return engine.stats.draft_tokens, engine.stats.accepted_draft_tokens, engine.stats.draft_runs
 
 
 def pico_model(engine: str, loaded: LoadedModel) -> LoadedModel:

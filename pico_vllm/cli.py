@@ -22,6 +22,7 @@ from pico_vllm.bench import (
     DEFAULT_ENGINES,
     DEFAULT_WORKLOADS,
     ENGINES,
+    SPECULATIVE_DEFAULT,
     WORKLOADS,
     check_selection,
     format_table,
@@ -156,6 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "(default: 1,2 with --quick, else 0.5,1,2,4)")
     bench.add_argument("--max-num-seqs", type=int, default=32,
                        help="concurrent sequences for pico-vllm and mlx-lm's BatchGenerator alike")
+    bench.add_argument("--speculative-config", type=_json_object, default=None,
+                       help="the 'pico-vllm ngram' engine's speculative_config (JSON; default: "
+                            + json.dumps(SPECULATIVE_DEFAULT).replace("%", "%%") + ")")
     bench.add_argument("--output", default="bench-results", help="folder for results.json and the plots")
 
     serve = commands.add_parser("serve", help="OpenAI-compatible HTTP server", formatter_class=defaults)
@@ -333,9 +337,12 @@ def run_bench(args: argparse.Namespace) -> None:
         raise ValueError(f"--max-num-seqs must be >= 1, got {args.max_num_seqs}")
     workloads, engines = args.workload or list(DEFAULT_WORKLOADS), args.engine or list(DEFAULT_ENGINES)
     check_selection(workloads, engines)
+    if args.speculative_config is not None:
+        EngineConfig(speculative_config=args.speculative_config)  # a bad one fails before loading
     from pico_vllm.bench_engines import benchmark  # MLX: only once the arguments are good
 
-    results, facts = benchmark(args.model, workloads, engines, args.quick, rates, args.max_num_seqs)
+    results, facts = benchmark(args.model, workloads, engines, args.quick, rates, args.max_num_seqs,
+                               speculative_config=args.speculative_config)
     print(f"model {facts['model']} ({facts['parameters'] / 1e6:.0f}M parameters) on {facts['device']}; "
           f"peak fp32 matmul {facts['peak_matmul_flops'] / 1e9:.1f} GFLOP/s")
     print(format_table(results, facts))

@@ -16,8 +16,9 @@ def test_bench_runs_every_engine_on_the_same_requests(random_model, tmp_path, ca
     model = random_model("llama", head_dim=32, vocab_size=512)
     out = tmp_path / "results"
     code = cli_main(["bench", "--model", str(model), "--quick", "--workload", "mixed",
-                     "--workload", "single", "--workload", "online", "--rates", "50",
-                     "--output", str(out)])
+                     "--workload", "single", "--workload", "repetitive", "--workload", "online",
+                     "--rates", "50", "--output", str(out),
+                     "--speculative-config", '{"num_speculative_tokens": 3, "prompt_lookup_min": 1}'])
     assert code == 0
     printed = capsys.readouterr().out
     for engine in DEFAULT_ENGINES:
@@ -28,7 +29,7 @@ def test_bench_runs_every_engine_on_the_same_requests(random_model, tmp_path, ca
     payload = json.loads((out / "results.json").read_text())
     assert payload["machine"]["peak_matmul_flops"] > 0
     results = payload["results"]
-    for workload in ("mixed", "single"):
+    for workload in ("mixed", "single", "repetitive"):
         rows = [r for r in results if r["workload"] == workload]
         assert sorted(r["engine"] for r in rows) == sorted(DEFAULT_ENGINES)
         assert len({r["output_tokens"] for r in rows}) == 1  # every engine made the same tokens
@@ -36,7 +37,13 @@ def test_bench_runs_every_engine_on_the_same_requests(random_model, tmp_path, ca
         assert all(r["tokens_per_second"] > 0 for r in rows)
     online = [r for r in results if r["workload"] == "online"]
     # Online arrivals run on each pico-vllm engine selected.
-    assert sorted(r["engine"] for r in online) == ["pico-vllm", "pico-vllm eager"]
+    assert sorted(r["engine"] for r in online) == ["pico-vllm", "pico-vllm eager", "pico-vllm ngram"]
+    # The ngram engine drafted (3 at most per run) and says how many drafts it kept.
+    assert payload["machine"]["speculative_config"] == {"num_speculative_tokens": 3, "prompt_lookup_min": 1}
+    ngram = next(r for r in results if r["workload"] == "repetitive" and r["engine"] == "pico-vllm ngram")
+    drafted, kept, runs = (ngram["extra"][k] for k in ("drafted", "kept", "verified_runs"))
+    assert runs <= drafted <= 3 * runs and 0 <= kept <= drafted
+    assert f"repetitive     pico-vllm ngram    {kept}/{drafted} = " in printed
     assert all(r["extra"]["ttft_p50"] > 0 for r in online)
     assert (out / "throughput.png").stat().st_size > 0
     assert (out / "latency_vs_rate.png").stat().st_size > 0

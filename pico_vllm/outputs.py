@@ -29,3 +29,7 @@ class RequestOutput:
     num_cached_tokens: int = 0  # prompt tokens served by the prefix cache
     # What ended a "stop": the stop string or stop token id (None for EOS or a grammar's end).
     stop_reason: str | int | None = None
+    # Speculative decoding (or a prediction): tokens drafted for this request and verified, and
+    # of those, kept.
+    num_draft_tokens: int = 0
+    num_accepted_draft_tokens: int = 0

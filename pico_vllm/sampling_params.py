@@ -32,6 +32,9 @@ class SamplingParams:
             (plus the sampled one); ``None`` returns none.
         structured_outputs: hold the output to a JSON schema, a regex, a choice or a grammar
             (a ``StructuredOutputsParams`` or its fields as a dict; see ``structured_outputs.py``).
+        prediction: the output the caller expects, as text or token ids (OpenAI's Predicted
+            Outputs): its tokens are drafted and verified as in speculative decoding, so a good
+            prediction takes several tokens per step; the output is the same with or without it.
     """
 
     temperature: float = 1.0
@@ -49,6 +52,7 @@ class SamplingParams:
     seed: int | None = None
     logprobs: int | None = None
     structured_outputs: StructuredOutputsParams | dict | None = None
+    prediction: str | list[int] | None = None
 
     def __post_init__(self) -> None:
         self.structured_outputs = as_structured_outputs(self.structured_outputs)
@@ -90,6 +94,9 @@ class SamplingParams:
         _check(_is_int(self.min_tokens) and 0 <= self.min_tokens <= self.max_tokens,
                "min_tokens", "in [0, max_tokens]", self.min_tokens)
         _check(self.seed is None or _is_int(self.seed), "seed", "an int or None", self.seed)
+        _check(self.prediction is None or isinstance(self.prediction, str)
+               or (isinstance(self.prediction, (list, tuple)) and all(_is_int(t) for t in self.prediction)),
+               "prediction", "a str, a list of token ids or None", self.prediction)
         _check(self.logprobs is None or (_is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS),
                "logprobs", f"None or an int in [0, {MAX_LOGPROBS}]", self.logprobs)
         # Plain Python numbers from here on, even when given numpy scalars.

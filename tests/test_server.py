@@ -495,3 +495,33 @@ def test_a_speculative_server_answers_what_the_plain_one_does_and_reports_its_dr
     kept = prometheus_sum(metrics, "pico_vllm_spec_decode_accepted_tokens")
     assert drafted > kept > 0 and prometheus_sum(metrics, "pico_vllm_spec_decode_verified_runs") > 0
     assert kept == engine.engine.stats.accepted_draft_tokens
+
+
+def test_a_predicted_chat_reply_is_the_same_reply_and_usage_counts_the_prediction(client, engines):
+    """(The random model's text does not tokenize back to its tokens, so few drafts are kept here;
+    tests/test_predicted_outputs.py keeps them with the embedded model.)"""
+    stats = engines[0].engine.stats
+    body = {"messages": [{"role": "user", "content": "Copy this"}], "max_tokens": 24, "temperature": 0,
+            "ignore_eos": True}
+    plain = client.post("/v1/chat/completions", json=body).json()
+    reply = plain["choices"][0]["message"]["content"]
+    assert "completion_tokens_details" not in plain["usage"]
+    wrong = reply[:10] + "XYZ" + reply[14:]
+    for prediction, parts in ((reply, False), (wrong, False), (reply, True)):
+        content = [{"type": "text", "text": prediction[:5]}, {"type": "text", "text": prediction[5:]}]
+        predicted = body | {"prediction": {"type": "content", "content": content if parts else prediction}}
+        drafted, kept = stats.draft_tokens, stats.accepted_draft_tokens
+        data = client.post("/v1/chat/completions", json=predicted).json()
+        assert data["choices"] == plain["choices"]
+        details = data["usage"].pop("completion_tokens_details")
+        assert data["usage"]["completion_tokens"] == plain["usage"]["completion_tokens"] == 24
+        kept, drafted = stats.accepted_draft_tokens - kept, stats.draft_tokens - drafted
+        assert details == {"accepted_prediction_tokens": kept, "rejected_prediction_tokens": drafted - kept}
+        assert details["rejected_prediction_tokens"] > 0
+    with client.stream("POST", "/v1/chat/completions", json=predicted | {
+            "stream": True, "stream_options": {"include_usage": True}}) as response:
+        chunks = sse(response)
+    assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"]) == reply
+    assert chunks[-1]["usage"]["completion_tokens_details"] == details
+    bad = body | {"prediction": {"type": "text", "content": "x"}}
+    assert_error(client.post("/v1/chat/completions", json=bad), 400, "prediction.type")

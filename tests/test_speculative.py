@@ -14,7 +14,7 @@ from pico_vllm import EngineConfig, LLMEngine, SamplingParams
 from pico_vllm.cli import build_parser, engine_config
 from pico_vllm.config import SpeculativeConfig
 from pico_vllm.engine.sequence import Sequence
-from pico_vllm.engine.speculative import MAX_PAUSE, NgramProposer, accepted, after_verification
+from pico_vllm.engine.speculative import MAX_PAUSE, DraftProposer, NgramProposer, accepted, after_verification
 
 NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3, "prompt_lookup_min": 1}
 
@@ -105,17 +105,18 @@ def test_greedy_with_drafts_equals_greedy_without(model, name, overrides):
         assert engine.config.max_num_batched_tokens == 8
 
 
-class ReplayProposer:
+class ReplayProposer(DraftProposer):
     """Drafts the continuation a plain engine produced, with every other draft run's last token
     changed: drafts are kept and rejected whatever the model (a random one rarely loops)."""
 
     def __init__(self, outputs: list) -> None:
-        self.config = SpeculativeConfig(num_speculative_tokens=4)
+        super().__init__(SpeculativeConfig(num_speculative_tokens=4))
         self.known = [o.prompt_token_ids + o.token_ids for o in outputs]
         self.calls = 0
 
-    def propose(self, token_ids: list[int], k: int) -> list[int]:
+    def propose(self, seq: Sequence, k: int) -> list[int]:
         self.calls += 1
+        token_ids = seq.token_ids
         for full in self.known:
             if full[: len(token_ids)] == token_ids:
                 drafts = full[len(token_ids) : len(token_ids) + k]

@@ -17,7 +17,7 @@ from pico_vllm.engine.detokenizer import IncrementalDetokenizer
 from pico_vllm.engine.model_runner import ModelRunner, PendingStep, resolve_num_blocks
 from pico_vllm.engine.scheduler import Scheduler
 from pico_vllm.engine.sequence import Sequence
-from pico_vllm.engine.speculative import NgramProposer, after_verification
+from pico_vllm.engine.speculative import after_verification
 from pico_vllm.layers.sampler import Sampler
 from pico_vllm.loader import LoadedModel, load
 from pico_vllm.models import sliding_window, text_config
@@ -98,11 +98,10 @@ class LLMEngine:
         sampler = Sampler(self.eos_token_ids, seed=config.seed)
         self.runner = ModelRunner(self.model, config, sampler, loaded.dtype, max_model_len)
         self.config = replace(config, num_blocks=self.runner.num_blocks, max_model_len=max_model_len)
-        speculative = self.config.speculative
-        proposer = NgramProposer(speculative) if speculative else None
-        self.scheduler = Scheduler(self.config, self.runner.cache.layout.windows, proposer)
-        # Drafting reads the newest token on the host: with speculation, steps are synchronous.
-        self._async = config.async_scheduling and proposer is None
+        self.scheduler = Scheduler(self.config, self.runner.cache.layout.windows)
+        # Drafting reads the newest token on the host: with speculation, steps are synchronous
+        # (and with a prediction, the steps that carry it).
+        self._async = config.async_scheduling and self.config.speculative is None
         if config.capture_graphs == "eager" and self.runner.graphs is not None:
             from tqdm import tqdm
 
@@ -136,6 +135,8 @@ class LLMEngine:
                 f"stop_token_ids {bad_stops[:5]} are outside the vocabulary [0, {self.vocab_size})"
             )
         seq = Sequence(request_id, token_ids, params)
+        if params.prediction is not None:
+            seq.prediction = self._prediction_tokens(params.prediction)
         if params.structured_outputs is not None:  # an invalid schema or regex is a ValueError
             seq.grammar = self._grammars.matcher(params.structured_outputs)
         self.scheduler.add_sequence(seq)  # rejects what can never fit, before anything is kept
@@ -203,7 +204,9 @@ class LLMEngine:
             self._in_flight = (pending, [len(seq.token_ids) - 1 for seq in pending.seqs])
         if previous is not None:
             outputs += self._complete(*previous)
-        if not self._async and self._in_flight is not None:
+        if self._in_flight is not None and not (
+            self._async and all(seq.prediction is None for seq in self._in_flight[0].seqs)
+        ):
             outputs += self._complete(*self._in_flight)
             self._in_flight = None
         return outputs
@@ -237,6 +240,8 @@ class LLMEngine:
             self.stats.draft_tokens += drafted
             self.stats.accepted_draft_tokens += verified
             self.stats.draft_runs += drafted > 0
+            seq.num_draft_tokens += drafted
+            seq.num_accepted_draft_tokens += verified
             if reason is not None:
                 self.scheduler.finish(seq, reason)
                 self.stats.cached_prompt_tokens += seq.num_cached_tokens
@@ -292,7 +297,19 @@ class LLMEngine:
             top_logprobs=list(request.top_logprobs) if wants_logprobs else None,
             num_cached_tokens=seq.num_cached_tokens,
             stop_reason=request.stop_reason,
+            num_draft_tokens=seq.num_draft_tokens,
+            num_accepted_draft_tokens=seq.num_accepted_draft_tokens,
         )
+
+    def _prediction_tokens(self, prediction: str | list[int]) -> list[int]:
+        if isinstance(prediction, str):
+            return list(self.tokenizer.encode(prediction, add_special_tokens=False))
+        bad = [t for t in prediction if not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(
+                f"prediction token ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size})"
+            )
+        return list(prediction)
 
     def _tokenize(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pico_vllm.config import EngineConfig
 from pico_vllm.engine.block_manager import BlockManager
 from pico_vllm.engine.sequence import PLACEHOLDER, Sequence, SequenceStatus
-from pico_vllm.engine.speculative import NgramProposer
+from pico_vllm.engine.speculative import DraftProposer
 
 
 @dataclass
@@ -51,12 +51,9 @@ class SchedulerOutput:
 class Scheduler:
     """Continuous batching over a fixed block pool (see the module docstring)."""
 
-    def __init__(
-        self, config: EngineConfig, windows: tuple[int | None, ...] = (None,),
-        proposer: NgramProposer | None = None,
-    ) -> None:
+    def __init__(self, config: EngineConfig, windows: tuple[int | None, ...] = (None,)) -> None:
         """``windows``: each layer group's sliding window (None: full attention; see
-        ``BlockManager``); ``proposer`` drafts tokens for decoding sequences (speculation)."""
+        ``BlockManager``)."""
         assert config.num_blocks is not None and config.max_model_len is not None
         self.config = config
         self.block_manager = BlockManager(
@@ -64,7 +61,7 @@ class Scheduler:
         )
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order
-        self.proposer = proposer
+        self.proposer = DraftProposer(config.speculative)  # drafts for decoding sequences
 
     @property
     def num_waiting(self) -> int:
@@ -178,21 +175,22 @@ class Scheduler:
         return False
 
     def _draft(self, seq: Sequence, budget: int) -> list[int]:
-        """Up to ``num_speculative_tokens`` guesses at ``seq``'s next tokens, as many as fit the
-        budget, its ``max_tokens`` and ``max_model_len`` (every one might be kept). None for a
-        grammar's requests (their tokens must follow the grammar) or while drafting pauses."""
-        if self.proposer is None or seq.grammar is not None:
-            return []
+        """Guesses at ``seq``'s next tokens, as many as the proposer allows and fit the budget,
+        its ``max_tokens`` and ``max_model_len`` (every one might be kept). None for a grammar's
+        requests (their tokens must follow the grammar) or while drafting pauses."""
+        limit = self.proposer.max_drafts(seq)
+        if limit == 0 or seq.grammar is not None or seq.token_ids[-1] == PLACEHOLDER:
+            return []  # (a placeholder: its newest token is still on its way to the host)
         if seq.draft_pause:
             seq.draft_pause -= 1
             return []
         k = min(
-            self.proposer.config.num_speculative_tokens,
+            limit,
             budget - 1,
             seq.params.max_tokens - seq.num_output_tokens - 1,
             self.config.max_model_len - seq.num_tokens - 1,
         )
-        return self.proposer.propose(seq.token_ids, k) if k > 0 else []
+        return self.proposer.propose(seq, k) if k > 0 else []
 
     def _reached_length(self, seq: Sequence) -> bool:
         return (

@@ -52,7 +52,11 @@ class Sequence:
         self.finish_reason: str | None = None
         # An llguidance matcher following the output, for a request with structured outputs.
         self.grammar = None
-        # Speculative decoding: drafts rejected in a row, and steps left without drafting.
+        # Speculative decoding: the client's predicted output tokens (a draft source), drafts
+        # verified and kept, drafts rejected in a row, and steps left without drafting.
+        self.prediction: list[int] | None = None
+        self.num_draft_tokens = 0
+        self.num_accepted_draft_tokens = 0
         self.draft_failures = 0
         self.draft_pause = 0
 

@@ -16,7 +16,13 @@ produce without speculation (the noise of output position ``j`` is the same eith
 unseeded ones the same distribution. The K/V computed for rejected drafts sits past the
 sequence's computed length and is overwritten later; rejected tokens never enter the prefix cache.
 
-Drafting needs the last token on the host, so an engine with speculation steps synchronously.
+A request may also bring its own draft source: the output the client expects (OpenAI's
+Predicted Outputs, ``SamplingParams.prediction``), say the file it asks to have edited. While the
+output follows the prediction its next tokens are drafted from there; where the output departs
+from it, drafting resumes after the latest few output tokens' place in the prediction.
+
+Drafting needs the last token on the host, so an engine with speculation steps synchronously, and
+so does any step carrying a request with a prediction.
 A sequence whose drafts keep failing pauses drafting (``pause``), so a workload without
 repetition costs little.
 """
@@ -30,6 +36,7 @@ from pico_vllm.engine.sequence import Sequence
 from pico_vllm.sampling_params import SamplingParams
 
 MAX_PAUSE = 16  # steps without drafts, at most, after drafts kept failing
+PREDICTION_DRAFT_TOKENS = 8  # drafts per step from a prediction when speculative_config is off
 
 
 class NgramProposer:
@@ -42,19 +49,66 @@ class NgramProposer:
         """Up to ``k`` tokens that followed the latest earlier occurrence of the last ``n`` tokens,
         for the longest ``n`` from ``prompt_lookup_max`` down to ``prompt_lookup_min`` that occurs."""
         tokens = np.asarray(token_ids)
-        longest = min(self.config.prompt_lookup_max, len(tokens) - 1)
+        # Windows of the tokens before the last one: where the pattern was.
+        match = self._longest_match(tokens, tokens[:-1])
+        if match is None:
+            return []
+        n, hits = match
+        # The latest occurrence followed by k tokens (the freshest context), else the earliest
+        # (in a loop, the one followed by the most tokens).
+        whole = hits[hits + n + k <= len(tokens)]
+        start = (whole[-1] if len(whole) else hits[0]) + n
+        return tokens[start : start + k].tolist()
+
+    def continue_from(self, token_ids: list[int], source: list[int], offset: int, k: int) -> list[int]:
+        """Up to ``k`` tokens of ``source`` after the longest suffix of ``token_ids`` found in
+        it (``prompt_lookup_max`` down to ``prompt_lookup_min`` tokens), at the occurrence ending
+        nearest to ``offset``."""
+        match = self._longest_match(np.asarray(token_ids), np.asarray(source))
+        if match is None:
+            return []
+        n, hits = match
+        ends = hits + n
+        start = int(ends[np.argmin(np.abs(ends - offset))])
+        return source[start : start + k]
+
+    def _longest_match(self, tokens: np.ndarray, source: np.ndarray) -> tuple[int, np.ndarray] | None:
+        """``(n, where)``: the longest ``n`` whose last ``n`` tokens occur in ``source``, and the
+        start of each occurrence; None if no suffix of ``prompt_lookup_min`` tokens does."""
+        longest = min(self.config.prompt_lookup_max, len(tokens) - 1, len(source))
         for n in range(longest, self.config.prompt_lookup_min - 1, -1):
-            pattern = tokens[-n:]
-            # Every window of n tokens that ends before the last token: where the pattern was.
-            windows = np.lib.stride_tricks.sliding_window_view(tokens[:-1], n)
-            hits = np.flatnonzero((windows == pattern).all(axis=1))
+            windows = np.lib.stride_tricks.sliding_window_view(source, n)
+            hits = np.flatnonzero((windows == tokens[-n:]).all(axis=1))
             if len(hits):
-                # The latest occurrence followed by k tokens (the freshest context), else the
-                # earliest (in a loop, the one followed by the most tokens).
-                whole = hits[hits + n + k <= len(tokens)]
-                start = (whole[-1] if len(whole) else hits[0]) + n
-                return tokens[start : start + k].tolist()
-        return []
+                return n, hits
+        return None
+
+
+class DraftProposer:
+    """Where a decoding sequence's drafts come from: the client's prediction of the output when
+    it gave one (OpenAI's Predicted Outputs, ``SamplingParams.prediction``), else the sequence's
+    own tokens when n-gram speculation is on."""
+
+    def __init__(self, config: SpeculativeConfig | None) -> None:
+        self.config = config
+        self.ngram = NgramProposer(config or SpeculativeConfig())
+
+    def max_drafts(self, seq: Sequence) -> int:
+        """Drafts ``seq`` may verify per step (0: it does not draft)."""
+        if self.config is not None:
+            return self.config.num_speculative_tokens
+        return PREDICTION_DRAFT_TOKENS if seq.prediction is not None else 0
+
+    def propose(self, seq: Sequence, k: int) -> list[int]:
+        """Up to ``k`` guesses at ``seq``'s next tokens."""
+        if seq.prediction is None:
+            return self.ngram.propose(seq.token_ids, k)
+        output, prediction = seq.output_token_ids, seq.prediction
+        if output == prediction[: len(output)]:
+            return prediction[len(output) : len(output) + k]  # on track: what the client predicted next
+        # Off track (the output edits the prediction): resume after the latest n tokens where
+        # they occur in the prediction nearest to the same offset.
+        return self.ngram.continue_from(seq.token_ids, prediction, len(output), k)
 
 
 class DraftPosition:

@@ -123,7 +123,12 @@ class SamplingFields(BaseModel):
             presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
             repetition_penalty=self.repetition_penalty, seed=self.seed, stop=self.stop,
             stop_token_ids=self.stop_token_ids, ignore_eos=self.ignore_eos, min_tokens=self.min_tokens,
+            prediction=self.predicted_text(),
         )
+
+    def predicted_text(self) -> str | None:
+        """The output the client predicts (chat's ``prediction``), if any."""
+        return None
 
 
 class CompletionRequest(SamplingFields):
@@ -193,6 +198,13 @@ class NamedToolChoice(BaseModel):
     function: NamedFunction
 
 
+class Prediction(BaseModel):
+    """OpenAI's Predicted Outputs: the text the reply is expected to be (mostly)."""
+
+    type: Literal["content"]
+    content: str | list[TextPart]
+
+
 class ChatRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = None
@@ -201,6 +213,13 @@ class ChatRequest(SamplingFields):
     tools: list[ToolDefinition] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool = True
+    prediction: Prediction | None = None
+
+    def predicted_text(self) -> str | None:
+        if self.prediction is None:
+            return None
+        content = self.prediction.content
+        return content if isinstance(content, str) else "".join(part.text for part in content)
 
     def tool_choice_name(self) -> str:
         """``none``, ``auto``, ``required`` or the forced tool's name (OpenAI's defaults: ``auto``

@@ -83,13 +83,21 @@ def logprob_format(engine: AsyncEngine, chat: bool) -> LogprobFormat:
     return format_
 
 
-def _usage(outs: list[RequestOutput], n: int) -> dict:
-    """Usage of a request's choices, ``n`` per prompt (each prompt counted once)."""
+def _usage(outs: list[RequestOutput], body: SamplingFields) -> dict:
+    """Usage of a request's choices, ``n`` per prompt (each prompt counted once); with a
+    prediction, how many of its tokens were kept and rejected, as OpenAI reports them."""
+    n = body.n
     prompt = sum(len(out.prompt_token_ids) for out in outs[::n])
     completion = sum(len(out.token_ids) for out in outs)
     cached = sum(out.num_cached_tokens for out in outs[::n])  # the prefix cache's share of the prompt
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-            "prompt_tokens_details": {"cached_tokens": cached}}
+    usage = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+             "prompt_tokens_details": {"cached_tokens": cached}}
+    if body.predicted_text() is not None:
+        kept = sum(out.num_accepted_draft_tokens for out in outs)
+        usage["completion_tokens_details"] = {
+            "accepted_prediction_tokens": kept,
+            "rejected_prediction_tokens": sum(out.num_draft_tokens for out in outs) - kept}
+    return usage
 
 
 class ClientGone(Exception):
@@ -141,7 +149,7 @@ async def respond(request: Request, body: SamplingFields, model: str, kind: str,
                             "logprobs": logprobs(out, len(out.token_ids)) if logprobs else None}
                            | final_choice(out))
         return {"id": request_id, "object": kind, "created": created, "model": model,
-                "choices": choices, "usage": _usage(outs, body.n)}
+                "choices": choices, "usage": _usage(outs, body)}
 
     chunk_kind = "chat.completion.chunk" if kind == "chat.completion" else kind
 
@@ -182,7 +190,7 @@ async def respond(request: Request, body: SamplingFields, model: str, kind: str,
                 if out.finished:
                     finals[index] = out
             if body.stream_options and body.stream_options.include_usage:
-                yield event([], _usage([finals[i] for i in range(len(streams))], body.n))
+                yield event([], _usage([finals[i] for i in range(len(streams))], body))
         except Exception as e:  # an engine error mid-stream: an error chunk, then the end
             error = {"message": str(e), "type": "server_error", "param": None, "code": 500}
             yield f"data: {json.dumps({'error': error})}\n\n"

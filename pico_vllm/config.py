@@ -42,8 +42,10 @@ class EngineConfig:
             needs that many processes started by ``mlx.launch`` (see the README).
         speculative_config: speculative decoding, as vLLM spells it (JSON on the command line):
             ``{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4,
-            "prompt_lookup_min": 2}`` drafts tokens by prompt lookup and verifies them in the
-            batch; outputs are unchanged (the engine then steps synchronously).
+            "prompt_lookup_min": 2}`` drafts tokens by prompt lookup, ``{"model": "<path or id>",
+            "num_speculative_tokens": 4}`` with a smaller model of the same vocabulary; the
+            drafts are verified in the batch and outputs are unchanged (the engine then steps
+            synchronously).
     """
 
     model: str | None = None
@@ -101,14 +103,16 @@ class EngineConfig:
 
 @dataclass(frozen=True)
 class SpeculativeConfig:
-    """vLLM's ``speculative_config`` for prompt lookup (n-gram drafts, no second model): draft up
-    to ``num_speculative_tokens`` tokens that followed the latest earlier occurrence of the last
-    ``n`` tokens, ``n`` from ``prompt_lookup_max`` down to ``prompt_lookup_min``."""
+    """vLLM's ``speculative_config``: draft up to ``num_speculative_tokens`` tokens per step,
+    by prompt lookup (``method`` "ngram": what followed the latest earlier occurrence of the last
+    ``n`` tokens, ``n`` from ``prompt_lookup_max`` down to ``prompt_lookup_min``) or with a
+    draft ``model`` (``method`` "draft_model", implied by ``model``)."""
 
     method: str = "ngram"
     num_speculative_tokens: int = 4
     prompt_lookup_max: int = 4
     prompt_lookup_min: int = 2
+    model: str | None = None
 
     @classmethod
     def from_dict(cls, config: dict) -> SpeculativeConfig:
@@ -118,12 +122,17 @@ class SpeculativeConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(config) - known)
         if unknown:
-            extra = " (a draft model is not supported yet)" if "model" in unknown else ""
-            raise ValueError(f"speculative_config: unknown key(s) {unknown}{extra}; known: {sorted(known)}")
-        if config.get("method", "ngram") != "ngram":
-            raise ValueError(f"speculative_config: method {config['method']!r} is not supported; "
-                             "'ngram' (prompt lookup) is")
-        spec = cls(**config)
+            raise ValueError(f"speculative_config: unknown key(s) {unknown}; known: {sorted(known)}")
+        method = config.get("method", "draft_model" if config.get("model") is not None else "ngram")
+        if method not in ("ngram", "draft_model"):
+            raise ValueError(f"speculative_config: method {method!r} is not supported; 'ngram' "
+                             "(prompt lookup) and 'draft_model' (with 'model') are")
+        if (method == "draft_model") != (config.get("model") is not None):
+            raise ValueError("speculative_config: 'model' (a draft model's path or id) goes with "
+                             f"method 'draft_model', and only with it (method {method!r})")
+        if method == "draft_model" and not isinstance(config["model"], str):
+            raise ValueError(f"speculative_config: model must be a str, got {config['model']!r}")
+        spec = cls(**config | {"method": method})
         for name in ("num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min"):
             value = getattr(spec, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:

@@ -99,6 +99,10 @@ def test_the_proposer_follows_the_prediction_and_resumes_after_an_edit():
     seq.token_ids += [50, 51]
     assert proposer.propose(seq, 2) == []  # nothing of the prediction matches
     assert DraftProposer(SpeculativeConfig(num_speculative_tokens=3)).max_drafts(seq) == 3
+    # Where the prediction has nothing, an engine with n-gram speculation drafts from the tokens.
+    seq.token_ids[2:] = [60, 61, 62, 60, 61]
+    assert proposer.propose(seq, 3) == []
+    assert DraftProposer(SpeculativeConfig(num_speculative_tokens=3)).propose(seq, 3) == [62, 60, 61]
 
 
 def test_bad_predictions_are_errors_naming_the_field(model):

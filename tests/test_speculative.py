@@ -285,7 +285,10 @@ def test_accepted_keeps_the_agreeing_drafts_then_the_models_token():
     "config,message",
     [
         ({"method": "eagle"}, "method 'eagle' is not supported"),
-        ({"model": "draft"}, "a draft model is not supported yet"),
+        ({"method": "draft_model"}, "goes with method 'draft_model', and only with it"),
+        ({"method": "ngram", "model": "draft"}, "and only with it"),
+        ({"model": 3}, "model must be a str, got 3"),
+        ({"colour": "red"}, "unknown key"),
         ({"num_speculative_tokens": 0}, "num_speculative_tokens must be an int >= 1, got 0"),
         ({"prompt_lookup_max": True}, "prompt_lookup_max must be an int >= 1"),
         ({"prompt_lookup_min": 5, "prompt_lookup_max": 3}, "prompt_lookup_min must be <= prompt_lookup_max"),

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, replace
 from pico_vllm import distributed
 from pico_vllm.config import EngineConfig
 from pico_vllm.engine.detokenizer import IncrementalDetokenizer
+from pico_vllm.engine.draft_model import DraftModelProposer
 from pico_vllm.engine.model_runner import ModelRunner, PendingStep, resolve_num_blocks
 from pico_vllm.engine.scheduler import Scheduler
 from pico_vllm.engine.sequence import Sequence
@@ -98,7 +99,12 @@ class LLMEngine:
         sampler = Sampler(self.eos_token_ids, seed=config.seed)
         self.runner = ModelRunner(self.model, config, sampler, loaded.dtype, max_model_len)
         self.config = replace(config, num_blocks=self.runner.num_blocks, max_model_len=max_model_len)
-        self.scheduler = Scheduler(self.config, self.runner.cache.layout.windows)
+        windows = self.runner.cache.layout.windows
+        speculative, proposer = self.config.speculative, None
+        if speculative is not None and speculative.method == "draft_model":
+            proposer = DraftModelProposer.load(speculative, self.config, loaded, self.runner.num_blocks,
+                                               len(windows))
+        self.scheduler = Scheduler(self.config, windows, proposer)
         # Drafting reads the newest token on the host: with speculation, steps are synchronous
         # (and with a prediction, the steps that carry it).
         self._async = config.async_scheduling and self.config.speculative is None

@@ -51,9 +51,13 @@ class SchedulerOutput:
 class Scheduler:
     """Continuous batching over a fixed block pool (see the module docstring)."""
 
-    def __init__(self, config: EngineConfig, windows: tuple[int | None, ...] = (None,)) -> None:
+    def __init__(
+        self, config: EngineConfig, windows: tuple[int | None, ...] = (None,),
+        proposer: DraftProposer | None = None,
+    ) -> None:
         """``windows``: each layer group's sliding window (None: full attention; see
-        ``BlockManager``)."""
+        ``BlockManager``); ``proposer`` drafts for decoding sequences (default: from their
+        predictions, and with n-gram speculation from their own tokens)."""
         assert config.num_blocks is not None and config.max_model_len is not None
         self.config = config
         self.block_manager = BlockManager(
@@ -61,7 +65,7 @@ class Scheduler:
         )
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order
-        self.proposer = DraftProposer(config.speculative)  # drafts for decoding sequences
+        self.proposer = proposer or DraftProposer(config.speculative)
 
     @property
     def num_waiting(self) -> int:
@@ -89,6 +93,7 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
+        wanted: dict[Sequence, int] = {}  # sequences that may draft, and how many tokens
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
@@ -96,10 +101,10 @@ class Scheduler:
                 i += 1  # its last token is still on its way to the host: nothing more to compute
                 continue
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            drafts = self._draft(seq, budget) if n == 1 else []
-            if drafts and self.block_manager.allocate(seq, seq.num_computed_tokens + 1 + len(drafts)):
-                out.drafts[seq] = drafts
-                n += len(drafts)  # (allocated just now: the loop below finds room at once)
+            k = self._draft_limit(seq, budget) if n == 1 else 0
+            if k and self.block_manager.allocate(seq, seq.num_computed_tokens + 1 + k):
+                wanted[seq] = k
+                n += k  # (allocated just now: the loop below finds room at once)
             while not self.block_manager.allocate(seq, seq.num_computed_tokens + n):
                 victim = self.running.pop()  # the most recently admitted
                 self._preempt(victim)
@@ -111,6 +116,7 @@ class Scheduler:
                 budget -= n
                 i += 1
 
+        budget += self._propose(out, wanted)
         prefilling = {self._head(s) for s in self.running if s.num_computed_tokens < s.num_prompt_tokens}
         while (
             self.waiting
@@ -174,23 +180,38 @@ class Scheduler:
                 return True
         return False
 
-    def _draft(self, seq: Sequence, budget: int) -> list[int]:
-        """Guesses at ``seq``'s next tokens, as many as the proposer allows and fit the budget,
+    def _propose(self, out: SchedulerOutput, wanted: dict[Sequence, int]) -> int:
+        """Draft for the ``wanted`` sequences (all at once: a draft model batches them) and
+        schedule what came back; returns the budget that fewer drafts left unused."""
+        if not wanted:
+            return 0
+        drafts = self.proposer.propose_all(wanted)
+        unused = 0
+        for index, (seq, n) in enumerate(out.scheduled):
+            if seq in wanted:
+                got = drafts.get(seq, [])
+                if got:
+                    out.drafts[seq] = got
+                out.scheduled[index] = (seq, 1 + len(got))
+                unused += n - 1 - len(got)
+        return unused
+
+    def _draft_limit(self, seq: Sequence, budget: int) -> int:
+        """How many tokens ``seq`` may draft: as many as the proposer allows and fit the budget,
         its ``max_tokens`` and ``max_model_len`` (every one might be kept). None for a grammar's
         requests (their tokens must follow the grammar) or while drafting pauses."""
         limit = self.proposer.max_drafts(seq)
         if limit == 0 or seq.grammar is not None or seq.token_ids[-1] == PLACEHOLDER:
-            return []  # (a placeholder: its newest token is still on its way to the host)
+            return 0  # (a placeholder: its newest token is still on its way to the host)
         if seq.draft_pause:
             seq.draft_pause -= 1
-            return []
-        k = min(
+            return 0
+        return max(0, min(
             limit,
             budget - 1,
             seq.params.max_tokens - seq.num_output_tokens - 1,
             self.config.max_model_len - seq.num_tokens - 1,
-        )
-        return self.proposer.propose(seq, k) if k > 0 else []
+        ))
 
     def _reached_length(self, seq: Sequence) -> bool:
         return (
@@ -213,3 +234,4 @@ class Scheduler:
     def _release(self, seq: Sequence) -> None:
         self.block_manager.free(seq)
         seq.num_computed_tokens = seq.num_cached_tokens = 0
+        seq.draft_kv_tokens = []

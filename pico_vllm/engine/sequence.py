@@ -55,6 +55,7 @@ class Sequence:
         # Speculative decoding: the client's predicted output tokens (a draft source), drafts
         # verified and kept, drafts rejected in a row, and steps left without drafting.
         self.prediction: list[int] | None = None
+        self.draft_kv_tokens: list[int] = []  # a draft model's: the tokens its pool holds K/V of
         self.num_draft_tokens = 0
         self.num_accepted_draft_tokens = 0
         self.draft_failures = 0

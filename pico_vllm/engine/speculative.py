@@ -99,10 +99,19 @@ class DraftProposer:
             return self.config.num_speculative_tokens
         return PREDICTION_DRAFT_TOKENS if seq.prediction is not None else 0
 
+    def propose_all(self, wanted: dict[Sequence, int]) -> dict[Sequence, list[int]]:
+        """Drafts for each sequence, at most as many as ``wanted`` says."""
+        return {seq: self.propose(seq, k) for seq, k in wanted.items()}
+
     def propose(self, seq: Sequence, k: int) -> list[int]:
-        """Up to ``k`` guesses at ``seq``'s next tokens."""
-        if seq.prediction is None:
-            return self.ngram.propose(seq.token_ids, k)
+        """Up to ``k`` guesses at ``seq``'s next tokens: from its prediction, and where that has
+        none, from its own tokens when n-gram speculation is on."""
+        drafts = [] if seq.prediction is None else self._from_prediction(seq, k)
+        if not drafts and self.config is not None and self.config.method == "ngram":
+            drafts = self.ngram.propose(seq.token_ids, k)
+        return drafts
+
+    def _from_prediction(self, seq: Sequence, k: int) -> list[int]:
         output, prediction = seq.output_token_ids, seq.prediction
         if output == prediction[: len(output)]:
             return prediction[len(output) : len(output) + k]  # on track: what the client predicted next

@@ -5,7 +5,7 @@ same number of tokens), on the same weights:
 
 - ``pico-vllm``: this engine, decode steps through captured graphs;
 - ``pico-vllm eager``: the same with ``enforce_eager=True``;
-- ``pico-vllm ngram``: the same with speculative decoding by prompt lookup
+- ``pico-vllm spec``: the same with speculative decoding
   (``--speculative-config``, default ``SPECULATIVE_DEFAULT``);
 - ``pico-vllm mlx-lm``: this engine running mlx-lm's model code through the paged adapter
   (``models/mlx_lm_adapter.py``) instead of our own model file: what every other architecture
@@ -39,13 +39,13 @@ from pathlib import Path
 
 import numpy as np
 
-ENGINES = ("pico-vllm", "pico-vllm eager", "pico-vllm ngram", "pico-vllm mlx-lm", "mlx-lm batch",
+ENGINES = ("pico-vllm", "pico-vllm eager", "pico-vllm spec", "pico-vllm mlx-lm", "mlx-lm batch",
            "mlx-lm sequential")
 WORKLOADS = ("mixed", "shared-prefix", "single", "repetitive", "online", "steps", "structured")
 # What a bare `pico-vllm bench` (and `make run`) runs: the comparisons with mlx-lm.
-DEFAULT_ENGINES = ("pico-vllm", "pico-vllm eager", "pico-vllm ngram", "mlx-lm batch", "mlx-lm sequential")
+DEFAULT_ENGINES = ("pico-vllm", "pico-vllm eager", "pico-vllm spec", "mlx-lm batch", "mlx-lm sequential")
 DEFAULT_WORKLOADS = ("mixed", "shared-prefix", "single", "repetitive", "online")
-SPECULATIVE_DEFAULT = {"method": "ngram", "num_speculative_tokens": 8}  # the ngram engine's
+SPECULATIVE_DEFAULT = {"method": "ngram", "num_speculative_tokens": 8}  # the spec engine's default
 PICO_ONLY = ("online", "steps", "structured")  # workloads that run on the pico-vllm engines only
 
 

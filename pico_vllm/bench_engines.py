@@ -217,7 +217,7 @@ def benchmark(
 ) -> tuple[list[Result], dict]:
     """Run ``workloads`` x ``engines``; returns the results and the machine facts. Every engine
     first runs each workload's requests once untimed (graphs traced, MLX's buffer cache grown),
-    with the prefix cache reset before each timed run, online rates included. The ngram engine
+    with the prefix cache reset before each timed run, online rates included. The spec engine
     runs ``speculative_config`` (default ``SPECULATIVE_DEFAULT``)."""
     check_selection(workloads, engines)
     loaded = load(model)
@@ -233,7 +233,7 @@ def benchmark(
     twin = mlx_lm_twin(loaded) if {"mlx-lm batch", "mlx-lm sequential"} & set(used) else None
     pico = {name: LLMEngine(EngineConfig(
                 model=model, max_num_seqs=max_num_seqs, enforce_eager=name.endswith("eager"),
-                speculative_config=facts["speculative_config"] if name.endswith("ngram") else None,
+                speculative_config=facts["speculative_config"] if name.endswith("spec") else None,
             ), pico_model(name, loaded))
             for name in used if name.startswith("pico-vllm")}
     runners: dict[str, Callable[[Workload], tuple[float, int]]] = {

@@ -158,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--max-num-seqs", type=int, default=32,
                        help="concurrent sequences for pico-vllm and mlx-lm's BatchGenerator alike")
     bench.add_argument("--speculative-config", type=_json_object, default=None,
-                       help="the 'pico-vllm ngram' engine's speculative_config (JSON; default: "
+                       help="the 'pico-vllm spec' engine's speculative_config (JSON; default: "
                             + json.dumps(SPECULATIVE_DEFAULT).replace("%", "%%") + ")")
     bench.add_argument("--output", default="bench-results", help="folder for results.json and the plots")
 

@@ -37,13 +37,13 @@ def test_bench_runs_every_engine_on_the_same_requests(random_model, tmp_path, ca
         assert all(r["tokens_per_second"] > 0 for r in rows)
     online = [r for r in results if r["workload"] == "online"]
     # Online arrivals run on each pico-vllm engine selected.
-    assert sorted(r["engine"] for r in online) == ["pico-vllm", "pico-vllm eager", "pico-vllm ngram"]
+    assert sorted(r["engine"] for r in online) == ["pico-vllm", "pico-vllm eager", "pico-vllm spec"]
     # The ngram engine drafted (3 at most per run) and says how many drafts it kept.
     assert payload["machine"]["speculative_config"] == {"num_speculative_tokens": 3, "prompt_lookup_min": 1}
-    ngram = next(r for r in results if r["workload"] == "repetitive" and r["engine"] == "pico-vllm ngram")
+    ngram = next(r for r in results if r["workload"] == "repetitive" and r["engine"] == "pico-vllm spec")
     drafted, kept, runs = (ngram["extra"][k] for k in ("drafted", "kept", "verified_runs"))
     assert runs <= drafted <= 3 * runs and 0 <= kept <= drafted
-    assert f"repetitive     pico-vllm ngram    {kept}/{drafted} = " in printed
+    assert f"repetitive     pico-vllm spec     {kept}/{drafted} = " in printed
     assert all(r["extra"]["ttft_p50"] > 0 for r in online)
     assert (out / "throughput.png").stat().st_size > 0
     assert (out / "latency_vs_rate.png").stat().st_size > 0

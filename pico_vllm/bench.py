@@ -15,7 +15,7 @@ same number of tokens), on the same weights:
 
 Workloads: ``mixed`` (many requests, prompt and output lengths uniform in ranges: nano-vllm's
 bench shape, scaled to a laptop), ``shared-prefix`` (requests sharing a long system prompt),
-``single`` (one stream), ``repetitive`` (8 chat requests to repeat a passage of Python code
+``single`` (one stream), ``repetitive`` (8 chat requests, 4 quick, to repeat a passage of Python code
 taken from this package's own source: outputs that copy their input, where drafts pay; the
 single-stream case is ``--max-num-seqs 1``), ``online`` (Poisson arrivals in real time through ``LLMEngine``,
 reporting vLLM's ``bench serve`` metrics — TTFT, TPOT, ITL — over a sweep of rates; the
@@ -103,8 +103,8 @@ def make_workload(name: str, vocab_size: int, quick: bool, seed: int = 0, tokeni
     if name == "repetitive":
         if tokenizer is None:
             raise ValueError("the repetitive workload needs the model's tokenizer")
-        lines, output = (12, 64) if quick else (25, 128)
-        prompts = repetitive_prompts(8, seed, lines)
+        count, lines, output = (4, 12, 48) if quick else (8, 25, 128)
+        prompts = repetitive_prompts(count, seed, lines)
         return Workload(name, [(_chat(tokenizer, text), output) for text in prompts])
     raise ValueError(f"unknown workload {name!r}; choose from {', '.join(WORKLOADS)}")
 

@@ -384,27 +384,55 @@ def serve(args: argparse.Namespace) -> None:
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
             follow(configs[0])
             _exit_skipping_destructors()
-    engines = [AsyncEngine(config, name, args.tool_call_parser, args.reasoning_parser)
-               for config, name in zip(configs, names)]
-    print(f"[pico-vllm] serving {', '.join(names)} on http://{args.host}:{args.port}/v1", file=sys.stderr)
+    _check_port_free(args.host, args.port)  # before minutes of loading, not after
+    engines, code = [], 1
     try:
+        for config, name in zip(configs, names):
+            engines.append(AsyncEngine(config, name, args.tool_call_parser, args.reasoning_parser))
+        print(f"[pico-vllm] serving {', '.join(names)} on http://{args.host}:{args.port}/v1", file=sys.stderr)
         app = create_app(engines, args.api_key, args.max_queue, args.rate_limit)
         config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
                                 timeout_graceful_shutdown=5)
-        DrainingServer(config, app, engines, args.shutdown_timeout).run()
+        server = DrainingServer(config, app, engines, args.shutdown_timeout)
+        server.run()
+        code = server.exit_code
+    except (ValueError, FileNotFoundError) as e:
+        print(f"pico-vllm: error: {e}", file=sys.stderr)
+        code = 2
+    except KeyboardInterrupt:
+        print("[pico-vllm] interrupted", file=sys.stderr)
+        code = 130
+    except SystemExit as e:  # uvicorn's, after logging why it could not start
+        code = e.code if isinstance(e.code, int) and e.code else 1
+    except BaseException as e:
+        print(f"pico-vllm: error: {type(e).__name__}: {e}", file=sys.stderr)
+        code = 1
     finally:
-        for engine in engines:
+        for engine in engines:  # their threads would keep the process alive
             engine.shutdown()
-        _exit_skipping_destructors()
+        _exit_skipping_destructors(code)
 
 
-def _exit_skipping_destructors() -> None:
-    """Exit 0 now. MLX (0.32, Linux) can abort in its exit-time destructors once a worker thread
-    has run the model ("terminate called without an active exception"); the server has shut
-    everything down by the time it calls this, so leave without running them."""
+def _check_port_free(host: str, port: int) -> None:
+    """ValueError (one line, exit 2) if ``host:port`` cannot be listened on."""
+    import socket
+
+    try:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((host, port))
+    except OSError as e:
+        raise ValueError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+
+
+def _exit_skipping_destructors(code: int = 0) -> None:
+    """Exit with ``code`` now. MLX (0.32, Linux) can abort in its exit-time destructors once a
+    worker thread has run the model ("terminate called without an active exception"); the server
+    has shut everything down by the time it calls this, so leave without running them."""
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(0)
+    os._exit(code)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,7 +16,7 @@ from pico_vllm.config import EngineConfig
 from pico_vllm.engine.detokenizer import IncrementalDetokenizer
 from pico_vllm.engine.draft_model import DraftModelProposer
 from pico_vllm.engine.model_runner import ModelRunner, PendingStep, resolve_num_blocks
-from pico_vllm.engine.scheduler import Scheduler
+from pico_vllm.engine.scheduler import Scheduler, SchedulerOutput
 from pico_vllm.engine.sequence import Sequence
 from pico_vllm.engine.speculative import after_verification
 from pico_vllm.layers.sampler import Sampler
@@ -28,6 +28,14 @@ from pico_vllm.structured_outputs import GrammarCompiler
 
 Prompt = str | list[int] | dict
 """Text, token ids, or vLLM's ``{"prompt": text}`` / ``{"prompt_token_ids": ids}``."""
+
+
+class StepError(RuntimeError):
+    """A step failed: ``request_ids`` are the requests it carried, aborted; ``cause`` is why."""
+
+    def __init__(self, request_ids: list[str], cause: Exception) -> None:
+        super().__init__(f"{type(cause).__name__}: {cause}")
+        self.request_ids, self.cause = request_ids, cause
 
 
 @dataclass
@@ -186,13 +194,30 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Run one iteration; returns an output for every request that got a token.
 
+        An exception inside the step aborts the requests it carried (their blocks freed) and is
+        raised as ``StepError`` naming them; the other requests and the engine go on.
+
         With ``async_scheduling`` the step queued here evaluates in the background while the
         host reads back the *previous* step and builds its outputs: the new step's decode inputs
         are the previous step's sampled ids, taken on the device. A sequence that turns out to
         have finished (EOS, a stop string) has its one extra token discarded. A batch whose
         sampling reads earlier token ids (penalties) reads the previous step back first.
         """
-        out = self.scheduler.schedule()
+        carried = {seq.request_id for seq in self._in_flight[0].seqs} if self._in_flight else set()
+        try:
+            out = self.scheduler.schedule()
+            carried |= {seq.request_id for seq, _ in out.scheduled}
+            return self._step(out)
+        except Exception as e:
+            if not carried:  # the scheduler itself failed: no request's state can be trusted
+                carried = set(self._requests)
+            self._in_flight = None
+            for request_id in carried:  # no output built: the detokenizer may be what failed
+                if self._requests.pop(request_id, None) is not None:
+                    self.scheduler.abort(request_id)
+            raise StepError(sorted(carried), e) from e
+
+    def _step(self, out: SchedulerOutput) -> list[RequestOutput]:
         self.stats.preemptions += len(out.preempted)
         outputs = []
         previous, self._in_flight = self._in_flight, None

@@ -26,7 +26,7 @@ from pico_vllm.outputs import RequestOutput
 from pico_vllm.sampling_params import SamplingParams
 from pico_vllm.server import anthropic
 from pico_vllm.server.anthropic import ERROR_TYPES
-from pico_vllm.server.async_engine import AsyncEngine
+from pico_vllm.server.async_engine import AsyncEngine, EngineError
 from pico_vllm.server.chat import Turn, render, tool_constraint
 from pico_vllm.server.metrics import Metrics
 from pico_vllm.server.protocol import (
@@ -91,6 +91,16 @@ def create_app(
     async def on_api_error(request: Request, e: APIError) -> JSONResponse:
         return error_response(e, request)
 
+    @app.exception_handler(EngineError)
+    async def on_engine_error(request: Request, e: EngineError) -> JSONResponse:
+        return error_response(APIError(503 if e.stopped else 500, str(e), "server_error"), request)
+
+    @app.exception_handler(Exception)
+    async def on_unexpected(request: Request, e: Exception) -> JSONResponse:
+        """Never a bare "Internal Server Error": a bug answers in OpenAI's shape too."""
+        return error_response(APIError(500, f"internal error: {type(e).__name__}: {e}", "server_error"),
+                              request)
+
     @app.exception_handler(ClientGone)
     async def on_client_gone(_: Request, e: ClientGone) -> Response:
         return Response(status_code=499)  # nginx's "client closed request"
@@ -123,6 +133,9 @@ def create_app(
         hides a client's disconnect from ``request.is_disconnected()``."""
         if app.state.closing:
             raise APIError(503, "server is shutting down", "server_error")
+        stopped = stopped_engines()
+        if stopped:
+            raise APIError(503, stopped, "server_error")
         # OpenAI's clients send `Authorization: Bearer KEY`, Anthropic's `x-api-key: KEY`.
         key = request.headers.get("authorization", "") or f"Bearer {request.headers.get('x-api-key', '')}"
         if api_key and key != f"Bearer {api_key}":
@@ -155,8 +168,16 @@ def create_app(
             raise APIError(429, f"server is at capacity ({max_queue} requests); retry shortly",
                            "rate_limit_error", headers={"Retry-After": "1"})
 
+    def stopped_engines() -> str | None:
+        return "; ".join(filter(None, (engine.failure_message() for engine in engines))) or None
+
     @app.get("/health")
     async def health() -> dict:
+        """200 while every engine serves; 503 (naming why) once one has stopped: a supervisor's
+        cue to restart the server, which exits 1 by itself."""
+        stopped = stopped_engines()
+        if stopped:
+            raise APIError(503, stopped, "server_error")
         return {"status": "ok"}
 
     @app.get("/metrics")

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 from pico_vllm import distributed
 from pico_vllm.config import EngineConfig
-from pico_vllm.engine.llm_engine import LLMEngine, Prompt
+from pico_vllm.engine.llm_engine import LLMEngine, Prompt, StepError
 from pico_vllm.loader import LoadedModel, load
 from pico_vllm.outputs import RequestOutput
 from pico_vllm.sampling_params import SamplingParams
@@ -41,6 +41,15 @@ class _Add:
     params: SamplingParams
     loop: asyncio.AbstractEventLoop
     outputs: asyncio.Queue
+
+
+class EngineError(RuntimeError):
+    """A request failed inside the engine (its step raised), or the engine thread has stopped
+    (``stopped``): the server answers 500 or 503, in OpenAI's shape."""
+
+    def __init__(self, message: str, stopped: bool = False) -> None:
+        super().__init__(message)
+        self.stopped = stopped
 
 
 @dataclass
@@ -69,6 +78,7 @@ class AsyncEngine:
         self._ids = itertools.count()
         self._ready = threading.Event()
         self._startup_error: BaseException | None = None
+        self.failure: BaseException | None = None  # why the engine thread died, if it did
         self._stopping = False
         self._live = 0  # RequestStreams not yet ended; only the event loop touches it
         self.engine: LLMEngine | None = None
@@ -78,6 +88,12 @@ class AsyncEngine:
         self._ready.wait()
         if self._startup_error is not None:
             raise self._startup_error
+
+    def failure_message(self) -> str | None:
+        """Why this engine stopped serving (its thread died), or None while it serves."""
+        if self.failure is None:
+            return None
+        return f"the engine of model {self.name!r} has stopped: {type(self.failure).__name__}: {self.failure}"
 
     @property
     def tokenizer(self):
@@ -107,6 +123,8 @@ class AsyncEngine:
         """Submit a request now (it counts in ``num_requests`` from this call on) and return
         its outputs as an async iterator; iterating raises ``ValueError`` if the engine rejects
         the request. ``close()`` before the end (a client that disconnected) aborts it."""
+        if self.failure is not None:
+            raise EngineError(self.failure_message(), stopped=True)
         request_id = f"{self.name}-{next(self._ids)}"
         outputs: asyncio.Queue = asyncio.Queue()
         self._commands.put(_Add(request_id, prompt, params, asyncio.get_running_loop(), outputs))
@@ -132,6 +150,16 @@ class AsyncEngine:
             self._ready.set()
             return
         self._ready.set()
+        try:
+            self._serve(doorbell)
+        except BaseException as e:  # the thread is dying: say so to everyone waiting, and after
+            self.failure = e
+            for request_id in list(self._queues):
+                self._send(request_id, EngineError(self.failure_message(), stopped=True))
+            raise
+
+    def _serve(self, doorbell: distributed.Doorbell | None) -> None:
+        """The engine thread's loop: take the server's commands, step, hand the outputs back."""
         while True:
             wire = self._take_commands(block=not self.engine.has_unfinished_requests())
             stop = self._stopping or not threading.main_thread().is_alive()
@@ -150,10 +178,9 @@ class AsyncEngine:
                 continue
             try:
                 outputs = self.engine.step()
-            except Exception as e:  # an engine error fails the running requests, not the server
-                for request_id in list(self._queues):
-                    self.engine.abort_request(request_id)
-                    self._send(request_id, RuntimeError(f"engine error: {e}"))
+            except StepError as e:  # fails the requests of that step (aborted), not the others
+                for request_id in e.request_ids:
+                    self._send(request_id, EngineError(f"engine error: {e}"))
                 continue
             for out in outputs:
                 self._send(out.request_id, out)

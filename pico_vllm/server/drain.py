@@ -7,6 +7,9 @@ its finish chunk and ``data: [DONE]``). Once no request is left, uvicorn's own s
 stops listening, waits briefly for responses still being written, and cancels the rest. A second
 signal skips the drain. The signal is not re-raised afterwards (uvicorn would), so the process
 exits 0.
+
+An engine whose thread has died (``AsyncEngine.failure``) stops the server the same way, with
+``exit_code`` 1, so that a supervisor restarts it; ``/health`` answers 503 meanwhile.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ class DrainingServer(uvicorn.Server):
         self.app, self.engines, self.timeout = app, engines, timeout
         self.drain_deadline: float | None = None
         self.aborted = False
+        self.exit_code = 0
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if self.drain_deadline is None:
@@ -47,6 +51,11 @@ class DrainingServer(uvicorn.Server):
             self.should_exit = True
 
     async def on_tick(self, counter: int) -> bool:
+        stopped = [engine.failure_message() for engine in self.engines if engine.failure is not None]
+        if stopped and not self.exit_code:
+            self.exit_code = 1
+            print(f"[pico-vllm] {'; '.join(stopped)}; exiting 1", file=sys.stderr, flush=True)
+            self.handle_exit(0, None)  # drain what the other engines still run
         if self.drain_deadline is not None and not self.should_exit:
             self.should_exit = sum(engine.num_requests for engine in self.engines) == 0
             if time.monotonic() >= self.drain_deadline and not self.aborted:

@@ -170,7 +170,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1", help="address to bind")
     serve.add_argument("--port", type=int, default=8000, help="port to bind")
     serve.add_argument("--api-key", default=None,
-                       help="require 'Authorization: Bearer KEY' on every route but /health and /metrics")
+                       help="require 'Authorization: Bearer KEY' on every route but /health and /metrics "
+                            "(also from --api-key-file or the PICO_VLLM_API_KEY variable, which keep it "
+                            "out of the process list)")
+    serve.add_argument("--api-key-file", default=None, help="read the API key from this file's first line")
+    serve.add_argument("--max-request-bytes", type=int, default=8 * 1024 * 1024,
+                       help="largest request body accepted; larger ones get 413")
     serve.add_argument("--max-queue", type=int, default=256,
                        help="requests per model queued or running; more get 429 with Retry-After")
     serve.add_argument("--rate-limit", type=float, default=None,
@@ -361,6 +366,9 @@ def serve(args: argparse.Namespace) -> None:
         raise ValueError(f"--shutdown-timeout must be >= 0, got {args.shutdown_timeout}")
     if args.rate_limit is not None and not args.rate_limit > 0:
         raise ValueError(f"--rate-limit must be > 0, got {args.rate_limit}")
+    if args.max_request_bytes < 1:
+        raise ValueError(f"--max-request-bytes must be >= 1, got {args.max_request_bytes}")
+    api_key = _api_key(args)
     configs = []
     for model in models:
         args.model = model
@@ -390,7 +398,7 @@ def serve(args: argparse.Namespace) -> None:
         for config, name in zip(configs, names):
             engines.append(AsyncEngine(config, name, args.tool_call_parser, args.reasoning_parser))
         print(f"[pico-vllm] serving {', '.join(names)} on http://{args.host}:{args.port}/v1", file=sys.stderr)
-        app = create_app(engines, args.api_key, args.max_queue, args.rate_limit)
+        app = create_app(engines, api_key, args.max_queue, args.rate_limit, args.max_request_bytes)
         config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
                                 timeout_graceful_shutdown=5)
         server = DrainingServer(config, app, engines, args.shutdown_timeout)
@@ -411,6 +419,24 @@ def serve(args: argparse.Namespace) -> None:
         for engine in engines:  # their threads would keep the process alive
             engine.shutdown()
         _exit_skipping_destructors(code)
+
+
+def _api_key(args: argparse.Namespace) -> str | None:
+    """The key from --api-key, --api-key-file or PICO_VLLM_API_KEY (at most one of them)."""
+    given = {name: value for name, value in (
+        ("--api-key", args.api_key), ("--api-key-file", args.api_key_file),
+        ("PICO_VLLM_API_KEY", os.environ.get("PICO_VLLM_API_KEY"))) if value}
+    if len(given) > 1:
+        raise ValueError(f"give the API key one way, not {' and '.join(given)}")
+    if args.api_key_file:
+        try:
+            lines = Path(args.api_key_file).read_text().splitlines()
+        except OSError as e:
+            raise ValueError(f"--api-key-file: {e.strerror}: {args.api_key_file}") from None
+        if not lines or not lines[0].strip():
+            raise ValueError(f"--api-key-file: {args.api_key_file} is empty")
+        return lines[0].strip()
+    return args.api_key or os.environ.get("PICO_VLLM_API_KEY") or None
 
 
 def _check_port_free(host: str, port: int) -> None:

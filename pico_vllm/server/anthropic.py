@@ -80,9 +80,21 @@ class ToolChoice(BaseModel):
     disable_parallel_tool_use: bool = False
 
 
+class Thinking(BaseModel):
+    """Extended thinking: only "disabled" is served (thinking blocks are not produced here)."""
+
+    type: Literal["disabled"]
+    budget_tokens: int | None = None
+
+
 class CountTokensRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    # Any field not served here is a 400 "not supported", never silently ignored; metadata and
+    # service_tier change nothing about the reply.
+    model_config = ConfigDict(extra="forbid")
     model: str | None = None
+    metadata: dict | None = None
+    service_tier: str | None = None
+    thinking: Thinking | None = None
     messages: list[Message] = Field(min_length=1)
     system: str | list[TextBlock] | None = None
     tools: list[ToolSpec] | None = None

@@ -10,6 +10,7 @@ away aborts its request at once (its blocks are freed). Errors come back in Open
 
 from __future__ import annotations
 
+import hmac
 import json
 import math
 import time
@@ -61,9 +62,59 @@ class TokenBucket:
         return (1 - self.tokens) / self.rate
 
 
+MAX_REQUEST_BYTES = 8 * 1024 * 1024  # a request body's default limit (--max-request-bytes)
+
+
+def error_response(e: APIError, path: str) -> JSONResponse:
+    """OpenAI's error shape, or Anthropic's on the Messages API's routes."""
+    if path.startswith("/v1/messages"):
+        kind = ERROR_TYPES.get(e.status, "api_error") if e.kind != "overloaded_error" else e.kind
+        body = {"type": "error", "error": {"type": kind, "message": e.message}}
+    else:
+        body = {"error": {"message": e.message, "type": e.kind, "param": e.param, "code": e.status}}
+    return JSONResponse(body, status_code=e.status, headers=e.headers)
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over ``limit`` bytes is a 413, whether its Content-Length
+    says so up front or a chunked body grows past it. The body is read here, then handed to the
+    app whole (the app's later reads still see a client's disconnect)."""
+
+    def __init__(self, app, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length", b"0")
+        body = bytearray()
+        if int(declared) <= self.limit:
+            while True:
+                message = await receive()
+                if message["type"] != "http.request":
+                    return  # the client left before its body was in: nobody to answer
+                body += message.get("body", b"")
+                if len(body) > self.limit or not message.get("more_body"):
+                    break
+        if int(declared) > self.limit or len(body) > self.limit:
+            refusal = APIError(413, f"request body is over the server's limit of {self.limit} bytes "
+                                    "(--max-request-bytes)")
+            return await error_response(refusal, scope["path"])(scope, receive, send)
+        delivered = False
+
+        async def replay():
+            nonlocal delivered
+            if delivered:
+                return await receive()
+            delivered = True
+            return {"type": "http.request", "body": bytes(body), "more_body": False}
+
+        await self.app(scope, replay, send)
+
+
 def create_app(
     engines: list[AsyncEngine], api_key: str | None = None, max_queue: int = 256,
-    rate_limit: float | None = None,
+    rate_limit: float | None = None, max_request_bytes: int = MAX_REQUEST_BYTES,
 ) -> FastAPI:
     """The app serving ``engines`` (the first is the default model)."""
 
@@ -73,33 +124,25 @@ def create_app(
         app.state.closing = True  # uvicorn is draining: new requests get 503
 
     app = FastAPI(title="pico-vllm", lifespan=lifespan)
+    app.add_middleware(BodyLimit, limit=max_request_bytes)
     app.state.closing = False
     by_name = {engine.name: engine for engine in engines}
     metrics = Metrics(engines)
     buckets: dict[str, TokenBucket] = {}
 
-    def error_response(e: APIError, request: Request | None = None) -> JSONResponse:
-        """OpenAI's error shape, or Anthropic's on the Messages API's routes."""
-        if request is not None and request.url.path.startswith("/v1/messages"):
-            kind = ERROR_TYPES.get(e.status, "api_error") if e.kind != "overloaded_error" else e.kind
-            body = {"type": "error", "error": {"type": kind, "message": e.message}}
-        else:
-            body = {"error": {"message": e.message, "type": e.kind, "param": e.param, "code": e.status}}
-        return JSONResponse(body, status_code=e.status, headers=e.headers)
-
     @app.exception_handler(APIError)
     async def on_api_error(request: Request, e: APIError) -> JSONResponse:
-        return error_response(e, request)
+        return error_response(e, request.url.path)
 
     @app.exception_handler(EngineError)
     async def on_engine_error(request: Request, e: EngineError) -> JSONResponse:
-        return error_response(APIError(503 if e.stopped else 500, str(e), "server_error"), request)
+        return error_response(APIError(503 if e.stopped else 500, str(e), "server_error"), request.url.path)
 
     @app.exception_handler(Exception)
     async def on_unexpected(request: Request, e: Exception) -> JSONResponse:
         """Never a bare "Internal Server Error": a bug answers in OpenAI's shape too."""
         return error_response(APIError(500, f"internal error: {type(e).__name__}: {e}", "server_error"),
-                              request)
+                              request.url.path)
 
     @app.exception_handler(ClientGone)
     async def on_client_gone(_: Request, e: ClientGone) -> Response:
@@ -110,22 +153,27 @@ def create_app(
         first = e.errors()[0]
         if first["type"] == "json_invalid":  # its "loc" is a character offset, not a field
             reason = first.get("ctx", {}).get("error", first["msg"])
-            return error_response(APIError(400, f"request body is not valid JSON: {reason}"), request)
+            return error_response(APIError(400, f"request body is not valid JSON: {reason}"),
+                                  request.url.path)
         where = ".".join(str(p) for p in first["loc"] if p != "body")
-        message = f"{where}: {first['msg']}" if where else f"request body: {first['msg']}"
-        return error_response(APIError(400, message, param=where or None), request)
+        reason = "not supported by this server" if first["type"] == "extra_forbidden" else first["msg"]
+        message = f"{where}: {reason}" if where else f"request body: {reason}"
+        return error_response(APIError(400, message, param=where or None), request.url.path)
 
     @app.exception_handler(HTTPException)
     async def on_http_error(request: Request, e: HTTPException) -> JSONResponse:
         """Starlette's own errors (an unknown route, a wrong method) in OpenAI's shape too."""
         if e.status_code == 404:
             return error_response(APIError(404, f"no route {request.method} {request.url.path}",
-                                           "not_found_error"), request)
+                                           "not_found_error"), request.url.path)
         if e.status_code == 405:
             allowed = e.headers.get("Allow", "") if e.headers else ""
-            return error_response(APIError(405, f"{request.method} is not allowed on {request.url.path}"
-                                                f" (allowed: {allowed})", headers=e.headers), request)
-        return error_response(APIError(e.status_code, str(e.detail), headers=e.headers), request)
+            message = f"{request.method} is not allowed on {request.url.path} (allowed: {allowed})"
+            return error_response(APIError(405, message, headers=e.headers), request.url.path)
+        if e.status_code == 400 and e.__cause__ is not None:  # FastAPI could not parse the body
+            message = f"request body is not valid JSON: {type(e.__cause__).__name__}: {e.__cause__}"
+            return error_response(APIError(400, message), request.url.path)
+        return error_response(APIError(e.status_code, str(e.detail), headers=e.headers), request.url.path)
 
     async def gate(request: Request) -> None:
         """Shutdown (503), API key (401) and per-key rate limit (429) for every route but
@@ -138,7 +186,8 @@ def create_app(
             raise APIError(503, stopped, "server_error")
         # OpenAI's clients send `Authorization: Bearer KEY`, Anthropic's `x-api-key: KEY`.
         key = request.headers.get("authorization", "") or f"Bearer {request.headers.get('x-api-key', '')}"
-        if api_key and key != f"Bearer {api_key}":
+        # In constant time: how long a wrong key takes to refuse says nothing about the right one.
+        if api_key and not hmac.compare_digest(key.encode(), f"Bearer {api_key}".encode()):
             raise APIError(401, "missing or wrong API key", "authentication_error")
         if rate_limit and request.method == "POST":
             bucket = buckets.setdefault(key or (request.client.host if request.client else ""),

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from pico_vllm.sampling_params import SamplingParams
 from pico_vllm.structured_outputs import StructuredOutputsParams, as_structured_outputs
@@ -50,11 +50,22 @@ GUIDED_FIELDS = {"guided_json": "json", "guided_regex": "regex", "guided_choice"
                  "guided_grammar": "grammar"}
 
 
+# Fields accepted that change nothing here (identification, storage, billing tiers); any other
+# field this server does not implement is a 400 "not supported", never silently ignored.
+NO_OP_FIELDS = ("user", "metadata", "store", "service_tier", "prompt_cache_key", "safety_identifier")
+
+
 class SamplingFields(BaseModel):
     """What both endpoints take to build ``SamplingParams``."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
     model: str | None = None
+    user: str | None = None
+    metadata: dict | None = None
+    store: bool | None = None
+    service_tier: str | None = None
+    prompt_cache_key: str | None = None
+    safety_identifier: str | None = None
     max_tokens: int | None = None
     # The defaults are SamplingParams' own: one place says what an omitted field means.
     temperature: float = SamplingParams.temperature
@@ -168,6 +179,19 @@ class MessageToolCall(BaseModel):
 class ChatMessage(BaseModel):
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: str | list[TextPart] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _text_only(cls, message: object) -> object:
+        """An image, audio or file part gets a message that says so, not a type mismatch."""
+        if isinstance(message, dict) and isinstance(message.get("content"), list):
+            for part in message["content"]:
+                kind = part.get("type") if isinstance(part, dict) else None
+                if kind not in (None, "text"):
+                    raise ValueError(f"content parts of type {kind!r} are not supported by this "
+                                     "model (text only)")
+        return message
+
     tool_calls: list[MessageToolCall] | None = None
     tool_call_id: str | None = None
     name: str | None = None

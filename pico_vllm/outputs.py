@@ -21,7 +21,7 @@ class RequestOutput:
     text: str
     token_ids: list[int]
     finished: bool
-    finish_reason: str | None  # "stop" | "length" | "abort", once finished
+    finish_reason: str | None  # "stop" | "length" | "abort" | "error", once finished
     delta_text: str = ""
     delta_token_ids: list[int] = field(default_factory=list)
     logprobs: list[float] | None = None
@@ -33,3 +33,4 @@ class RequestOutput:
     # of those, kept.
     num_draft_tokens: int = 0
     num_accepted_draft_tokens: int = 0
+    error: str | None = None  # why a request finished with "error" (its logits were not numbers)

@@ -123,3 +123,46 @@ def test_serve_with_a_model_that_fails_to_load_exits_2_with_one_line(tmp_path):
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2, result.stderr
     assert result.stderr.splitlines()[-1] == f"pico-vllm: error: no config.json in model folder {tmp_path}"
+
+
+def test_a_row_of_nan_logits_fails_its_request_and_the_batch_goes_on(chat_model, monkeypatch):
+    """One request's logits turn NaN (a test-only wrapper around the model): it finishes with
+    "error" and says why, the others in the same steps finish as they would alone."""
+    import mlx.core as mx
+    import numpy as np
+
+    from pico_vllm import LLMEngine, SamplingParams
+
+    engine = LLMEngine(EngineConfig(model=str(chat_model), num_blocks=32, max_model_len=128))
+    greedy = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    expected = {}
+    for prompt in ([5, 6, 7], [8, 9]):
+        engine.add_request(prompt, greedy, request_id=str(prompt))
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                expected[out.request_id] = out.token_ids
+    model, calls = engine.runner.model, []
+
+    def poisoned(input_ids, positions, cache, meta, logit_rows=None):
+        logits = model(input_ids, positions, cache, meta, logit_rows)
+        calls.append(1)
+        if len(calls) == 3:  # the third step: NaN in the first row (request [5, 6, 7], a decode)
+            logits = mx.where(mx.array(np.arange(logits.shape[0]) == 0)[:, None], mx.nan, logits)
+        return logits
+
+    monkeypatch.setattr(engine.runner, "model", poisoned)
+    monkeypatch.setattr(engine.runner, "graphs", None)  # eager, so the wrapper sees every step
+    for prompt in ([5, 6, 7], [8, 9]):
+        engine.add_request(prompt, greedy, request_id=f"again {prompt}")
+    finals = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                finals[out.request_id] = out
+    failed, fine = finals["again [5, 6, 7]"], finals["again [8, 9]"]
+    assert failed.finish_reason == "error" and failed.token_ids == expected["[5, 6, 7]"][:2]
+    assert failed.error == "the model's logits were not numbers (NaN or inf) at output token 3"
+    assert fine.finish_reason == "length" and fine.token_ids == expected["[8, 9]"]
+    manager = engine.scheduler.block_manager
+    assert manager.num_free_blocks == manager.num_blocks

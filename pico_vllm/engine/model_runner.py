@@ -58,10 +58,12 @@ class PendingStep:
 
     def __init__(
         self, seqs: list[Sequence], samples: PendingSamples | None, state: list[mx.array],
-        drafts: dict[Sequence, list[int]] | None = None,
+        drafts: dict[Sequence, list[int]] | None = None, broken: mx.array | None = None,
     ):
         self.seqs, self._samples, self._state = seqs, samples, state
         self.drafts = drafts or {}
+        self._broken = broken  # [rows] bool: the row's logits were not numbers
+        self.failed: list[Sequence] = []  # after resolve: sequences whose logits were broken
         # Each sequence's first row of samples; one per position of its chunk where it drafted.
         widths = [1 + len(self.drafts.get(seq, ())) for seq in seqs]
         self._rows = dict(zip(seqs, np.cumsum([0, *widths[:-1]]).tolist()))
@@ -81,13 +83,17 @@ class PendingStep:
         if self._samples is None:
             mx.eval(self._state)  # a step of only mid-prompt chunks still fills the pool
             return {}
-        mx.eval(self._samples, self._state)
+        mx.eval(self._samples, self._state, self._broken)
         out = self._samples.resolve()
         logprobs = out.logprobs or [None] * len(out.token_ids)
         rows = list(zip(out.token_ids, logprobs, out.top_logprobs))
+        broken = self._broken.tolist()
         samples = {}
         for seq in self.seqs:
             first, drafts = self._rows[seq], self.drafts.get(seq, [])
+            if any(broken[first : first + len(drafts) + 1]):
+                self.failed.append(seq)
+                continue
             tokens = accepted(drafts, out.token_ids[first : first + len(drafts) + 1])
             samples[seq] = [Sample(*row) for row in rows[first : first + len(tokens)]]
         return samples
@@ -175,7 +181,9 @@ class ModelRunner:
             samples = PendingSamples(argmax, [None] * len(seqs))
         else:
             samples = self.sampler.sample(logits, requests)
-        return PendingStep(seqs, samples, self.cache.state, drafts)
+        # A row whose logits hold NaN or +inf (a broken checkpoint, an overflow) fails its request.
+        broken = mx.logical_or(mx.isnan(logits), logits == mx.inf).any(axis=-1)
+        return PendingStep(seqs, samples, self.cache.state, drafts, broken)
 
     def capture_all(self, progress=None) -> int:
         """Trace every decode bucket now (vLLM-style start-up capture); returns how many."""

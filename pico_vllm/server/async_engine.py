@@ -207,6 +207,8 @@ class AsyncEngine:
             # None only wakes the loop (shutdown)
 
     def _send(self, request_id: str, item: RequestOutput | BaseException) -> None:
+        if isinstance(item, RequestOutput) and item.finish_reason == "error":
+            item = EngineError(f"engine error: {item.error}")
         target = self._queues.get(request_id)
         if target is None:
             return

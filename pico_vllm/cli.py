@@ -176,6 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--api-key-file", default=None, help="read the API key from this file's first line")
     serve.add_argument("--max-request-bytes", type=int, default=8 * 1024 * 1024,
                        help="largest request body accepted; larger ones get 413")
+    serve.add_argument("--allowed-origins", action="append", default=None,
+                       help="a web origin whose pages may call the server (CORS; repeatable; none by "
+                            "default)")
     serve.add_argument("--max-queue", type=int, default=256,
                        help="requests per model queued or running; more get 429 with Retry-After")
     serve.add_argument("--rate-limit", type=float, default=None,
@@ -398,9 +401,12 @@ def serve(args: argparse.Namespace) -> None:
         for config, name in zip(configs, names):
             engines.append(AsyncEngine(config, name, args.tool_call_parser, args.reasoning_parser))
         print(f"[pico-vllm] serving {', '.join(names)} on http://{args.host}:{args.port}/v1", file=sys.stderr)
-        app = create_app(engines, api_key, args.max_queue, args.rate_limit, args.max_request_bytes)
+        app = create_app(engines, api_key, args.max_queue, args.rate_limit, args.max_request_bytes,
+                         args.allowed_origins)
+        # An idle keep-alive connection is closed after 5 s; each connection is its own asyncio
+        # task, so a slow or silent client holds only its own.
         config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
-                                timeout_graceful_shutdown=5)
+                                timeout_graceful_shutdown=5, timeout_keep_alive=5)
         server = DrainingServer(config, app, engines, args.shutdown_timeout)
         server.run()
         code = server.exit_code

@@ -166,3 +166,17 @@ def test_a_row_of_nan_logits_fails_its_request_and_the_batch_goes_on(chat_model,
     assert fine.finish_reason == "length" and fine.token_ids == expected["[8, 9]"]
     manager = engine.scheduler.block_manager
     assert manager.num_free_blocks == manager.num_blocks
+
+
+def test_a_kv_budget_the_weights_leave_no_room_for_is_one_clear_error(chat_model):
+    from pico_vllm.engine.model_runner import METAL_KV_FRACTION, metal_kv_budget
+
+    assert metal_kv_budget(10 * 2**30, 4 * 2**30) == int(6 * 2**30 * METAL_KV_FRACTION)
+    with pytest.raises(ValueError, match=r"weights \(12.0 GiB\) leave no room for a KV cache in this "
+                                         r"Mac's GPU working set \(10.7 GiB\).*--kv-cache-bytes"):
+        metal_kv_budget(int(10.7 * 2**30), 12 * 2**30)
+    with pytest.raises(ValueError, match=r"KV memory budget of 100 bytes holds no block of this model "
+                                         r"\(\d+ bytes\): raise --kv-cache-bytes or give --num-blocks"):
+        from pico_vllm import LLMEngine
+
+        LLMEngine(EngineConfig(model=str(chat_model), kv_cache_bytes=100))

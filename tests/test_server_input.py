@@ -123,3 +123,21 @@ def test_the_api_key_comes_one_way_from_a_flag_a_file_or_the_environment(tmp_pat
         _api_key(args(key_file=str(path)))
     with pytest.raises(ValueError, match="No such file or directory"):
         _api_key(args(key_file=str(tmp_path / "missing")))
+
+
+def test_cors_is_closed_unless_an_origin_is_allowed(chat_model, client):
+    preflight = {"origin": "https://example.com", "access-control-request-method": "POST"}
+    closed = client.options("/v1/chat/completions", headers=preflight)
+    assert "access-control-allow-origin" not in closed.headers
+    posted = client.post("/v1/chat/completions", json=CHAT, headers={"origin": "https://example.com"})
+    assert "access-control-allow-origin" not in posted.headers
+    engine = AsyncEngine(EngineConfig(model=str(chat_model), num_blocks=16, max_model_len=64), "open")
+    try:
+        with TestClient(create_app([engine], allowed_origins=["https://example.com"])) as open_client:
+            answer = open_client.options("/v1/chat/completions", headers=preflight)
+            assert answer.headers["access-control-allow-origin"] == "https://example.com"
+            evil = preflight | {"origin": "https://evil.example"}
+            other = open_client.options("/v1/chat/completions", headers=evil)
+            assert "access-control-allow-origin" not in other.headers
+    finally:
+        engine.shutdown()

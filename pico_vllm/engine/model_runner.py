@@ -99,6 +99,19 @@ class PendingStep:
         return samples
 
 
+def metal_kv_budget(working_set: int, weights: int) -> int:
+    """Bytes for the KV pool on a Mac: ``METAL_KV_FRACTION`` of the GPU working set the weights
+    leave; ValueError with the numbers when they leave none."""
+    budget = int((working_set - weights) * METAL_KV_FRACTION)
+    if budget <= 0:
+        raise ValueError(
+            f"the model's weights ({weights / 2**30:.1f} GiB) leave no room for a KV cache in this "
+            f"Mac's GPU working set ({working_set / 2**30:.1f} GiB): serve a smaller or more quantized "
+            "model, or set the pool's size with --kv-cache-bytes or --num-blocks"
+        )
+    return budget
+
+
 def resolve_num_blocks(config: EngineConfig, model: nn.Module, dtype: mx.Dtype) -> int:
     """Blocks in the pool: ``config.num_blocks``, else the KV memory budget / bytes per block."""
     if config.num_blocks is not None:
@@ -107,12 +120,14 @@ def resolve_num_blocks(config: EngineConfig, model: nn.Module, dtype: mx.Dtype) 
     if budget is None and metal_available():
         info = mx.device_info() if hasattr(mx, "device_info") else mx.metal.device_info()
         weights = sum(p.nbytes for _, p in nn.utils.tree_flatten(model.parameters()))
-        budget = int((info["max_recommended_working_set_size"] - weights) * METAL_KV_FRACTION)
+        budget = metal_kv_budget(info["max_recommended_working_set_size"], weights)
     if budget is None:
         budget = CPU_KV_CACHE_BYTES
     num_blocks = budget // model.kv_spec.bytes_per_block(config.block_size, dtype)
     if num_blocks < 1:
-        raise ValueError(f"KV memory budget of {budget} bytes holds no block of this model")
+        raise ValueError(f"KV memory budget of {budget} bytes holds no block of this model "
+                         f"({model.kv_spec.bytes_per_block(config.block_size, dtype)} bytes): raise "
+                         "--kv-cache-bytes or give --num-blocks")
     return num_blocks
 
 

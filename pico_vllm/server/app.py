@@ -19,6 +19,7 @@ from dataclasses import replace
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException
@@ -115,8 +116,10 @@ class BodyLimit:
 def create_app(
     engines: list[AsyncEngine], api_key: str | None = None, max_queue: int = 256,
     rate_limit: float | None = None, max_request_bytes: int = MAX_REQUEST_BYTES,
+    allowed_origins: list[str] | None = None,
 ) -> FastAPI:
-    """The app serving ``engines`` (the first is the default model)."""
+    """The app serving ``engines`` (the first is the default model). Browsers on other origins
+    may call it only from ``allowed_origins`` (CORS; none by default)."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -125,6 +128,9 @@ def create_app(
 
     app = FastAPI(title="pico-vllm", lifespan=lifespan)
     app.add_middleware(BodyLimit, limit=max_request_bytes)
+    if allowed_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=allowed_origins, allow_methods=["GET", "POST"],
+                           allow_headers=["authorization", "content-type", "x-api-key"])
     app.state.closing = False
     by_name = {engine.name: engine for engine in engines}
     metrics = Metrics(engines)

@@ -176,6 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--api-key-file", default=None, help="read the API key from this file's first line")
     serve.add_argument("--max-request-bytes", type=int, default=8 * 1024 * 1024,
                        help="largest request body accepted; larger ones get 413")
+    serve.add_argument("--mlx-cache-limit", type=int, default=None,
+                       help="bytes of freed MLX buffers kept for reuse while serving (default: MLX's own "
+                            "limit); the cache is emptied whenever the server goes idle")
     serve.add_argument("--allowed-origins", action="append", default=None,
                        help="a web origin whose pages may call the server (CORS; repeatable; none by "
                             "default)")
@@ -371,6 +374,8 @@ def serve(args: argparse.Namespace) -> None:
         raise ValueError(f"--rate-limit must be > 0, got {args.rate_limit}")
     if args.max_request_bytes < 1:
         raise ValueError(f"--max-request-bytes must be >= 1, got {args.max_request_bytes}")
+    if args.mlx_cache_limit is not None and args.mlx_cache_limit < 0:
+        raise ValueError(f"--mlx-cache-limit must be >= 0, got {args.mlx_cache_limit}")
     api_key = _api_key(args)
     configs = []
     for model in models:
@@ -396,6 +401,10 @@ def serve(args: argparse.Namespace) -> None:
             follow(configs[0])
             _exit_skipping_destructors()
     _check_port_free(args.host, args.port)  # before minutes of loading, not after
+    if args.mlx_cache_limit is not None:
+        import mlx.core as mx
+
+        mx.set_cache_limit(args.mlx_cache_limit)
     engines, code = [], 1
     try:
         for config, name in zip(configs, names):

@@ -25,6 +25,8 @@ import queue
 import threading
 from dataclasses import dataclass
 
+import mlx.core as mx
+
 from pico_vllm import distributed
 from pico_vllm.config import EngineConfig
 from pico_vllm.engine.llm_engine import LLMEngine, Prompt, StepError
@@ -159,9 +161,15 @@ class AsyncEngine:
             raise
 
     def _serve(self, doorbell: distributed.Doorbell | None) -> None:
-        """The engine thread's loop: take the server's commands, step, hand the outputs back."""
+        """The engine thread's loop: take the server's commands, step, hand the outputs back.
+        Going idle gives MLX's buffer cache back (``mx.clear_cache``): an idle server holds only
+        its weights and pool, and the next burst re-grows the cache in its first steps."""
+        busy = False
         while True:
-            wire = self._take_commands(block=not self.engine.has_unfinished_requests())
+            if busy and not self.engine.has_unfinished_requests():
+                mx.clear_cache()
+            busy = self.engine.has_unfinished_requests()
+            wire = self._take_commands(block=not busy)
             stop = self._stopping or not threading.main_thread().is_alive()
             if doorbell is not None:  # tensor parallel: the other ranks apply the same
                 doorbell.ring()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 
+import mlx.core as mx
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from pico_vllm.outputs import RequestOutput
@@ -60,6 +61,12 @@ class Metrics:
             gauge = Gauge(name, doc, ["model"], registry=self.registry)
             for engine in engines:
                 gauge.labels(engine.name).set_function(lambda e=engine, read=read: read(e))
+        # The process's MLX memory, all models together: what a soak watches for growth.
+        for name, doc, read in (
+            ("pico_vllm_mlx_active_memory_bytes", "MLX memory in arrays now", mx.get_active_memory),
+            ("pico_vllm_mlx_cache_memory_bytes", "MLX memory freed and kept for reuse", mx.get_cache_memory),
+        ):
+            Gauge(name, doc, registry=self.registry).set_function(read)
 
     def request(self, model: str, started: float) -> RequestRecord:
         """A record for one request that arrived at ``started`` (``time.monotonic()``)."""

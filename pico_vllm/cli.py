@@ -110,6 +110,13 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     model_help = "HF id, local HF folder or .gguf file (default: the embedded SmolLM2-135M-Instruct)"
 
+    launcher = commands.add_parser(
+        "launch", help="mlx.launch (every argument passed on) exiting with the first failed rank's code",
+        description="Runs MLX's mlx.launch with these arguments, e.g. `pico-vllm launch --backend ring "
+                    "-n 2 .venv/bin/pico-vllm serve --tensor-parallel-size 2 ...`, and exits with the "
+                    "exit code of the first rank that failed (mlx.launch itself exits 0).")
+    launcher.add_argument("mlx_launch_args", nargs=argparse.REMAINDER, help="mlx.launch's arguments")
+
     gen = commands.add_parser("generate", help="generate text from a prompt", formatter_class=defaults)
     gen.add_argument("--model", default=None, help=model_help)
     prompt = gen.add_mutually_exclusive_group()
@@ -478,6 +485,11 @@ def _exit_skipping_destructors(code: int = 0) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """The ``pico-vllm`` entry point; returns the exit status (2: bad input, 130: Ctrl-C)."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["launch"] and argv[1:2] not in (["-h"], ["--help"]):
+        from pico_vllm.launch import launch
+
+        return launch(argv[1:])  # mlx.launch's own options, which argparse would take for ours
     args = build_parser().parse_args(argv)
     terminal = _Terminal()
     try:

@@ -18,7 +18,8 @@ from pico_vllm import LLM, EngineConfig, SamplingParams
 from pico_vllm.engine.llm_engine import LLMEngine
 
 TESTS = Path(__file__).parent
-LAUNCH = Path(sys.executable).with_name("mlx.launch")
+# mlx.launch through `pico-vllm launch`, which exits with the first failed rank's code.
+LAUNCH = (sys.executable, "-m", "pico_vllm.cli", "launch")
 ENGINE = dict(num_blocks=24, block_size=8, max_num_batched_tokens=32, max_num_seqs=8)  # chunks, preemption
 PROMPTS = [[(7 * i + j) % 250 + 1 for j in range(12 + 5 * i)] for i in range(8)]
 
@@ -26,7 +27,7 @@ PROMPTS = [[(7 * i + j) % 250 + 1 for j in range(12 + 5 * i)] for i in range(8)]
 def launch(args: list[str], timeout: int = 240) -> subprocess.CompletedProcess:
     """``mlx.launch --backend ring -n 2 python ARGS`` on this machine, comparing the sampled ids
     across ranks every step; the whole process group dies on a timeout."""
-    command = [str(LAUNCH), "--backend", "ring", "-n", "2", sys.executable, *args]
+    command = [*LAUNCH, "--backend", "ring", "-n", "2", sys.executable, *args]
     env = {**os.environ, "PICO_VLLM_CHECK_TP": "1"}
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                                start_new_session=True)
@@ -118,10 +119,11 @@ def test_a_model_that_does_not_split_fails_on_every_rank_at_start_up(random_mode
     model = random_model("llama", head_dim=32, num_attention_heads=heads, num_key_value_heads=kv_heads)
     spec = {"model": str(model), "engine": ENGINE, "prompts": PROMPTS, "max_tokens": 4}
     result = launch_worker(tmp_path, [spec], timeout=120)  # returns: no rank is left waiting in a collective
-    # Every rank checks before any communication, so each fails on its own; mlx.launch (which
-    # itself exits 0) stops the other rank once one has exited, sometimes before it printed.
+    # Every rank checks before any communication, so each fails on its own; mlx.launch stops the
+    # other rank once one has exited, sometimes before it printed, then exits 0: the wrapper 1.
     assert message in result.stderr, result.stderr[-4000:]
     assert "exited with code 1" in result.stderr and not list(tmp_path.glob("out.rank*.json"))
+    assert result.returncode == 1
 
 
 @pytest.mark.slow
@@ -177,7 +179,7 @@ def test_serve_under_mlx_launch_answers_like_one_process_and_stops_cleanly(chat_
     from test_server_live import running_server, wait_until_idle
 
     flags = ("--tensor-parallel-size", "2", "--num-blocks", "64", "--max-model-len", "256")
-    launcher = (str(LAUNCH), "--backend", "ring", "-n", "2")
+    launcher = (*LAUNCH, "--backend", "ring", "-n", "2")
     params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
     expected = {o.prompt: o.text for o in LLM(str(chat_model), num_blocks=64).generate(TEXTS, params,
                                                                                        use_tqdm=False)}
@@ -192,7 +194,7 @@ def test_serve_under_mlx_launch_answers_like_one_process_and_stops_cleanly(chat_
         wait_until_idle(base)
         body = {"prompt": "Hello", "max_tokens": 4, "n": 3, "temperature": 1.0, "seed": 3}
         assert len(httpx.post(f"{base}/v1/completions", json=body, timeout=30).json()["choices"]) == 3
-        ranks = children(process.pid)
+        ranks = [rank for launcher in children(process.pid) for rank in children(launcher)]  # wrapped
         assert len(ranks) == 2
         for pid in ranks:  # what a Ctrl-C does: every rank gets the signal; rank 0 decides
             os.kill(pid, signal.SIGTERM)
@@ -246,3 +248,14 @@ def test_an_idle_two_rank_server_sleeps_instead_of_spinning(chat_model, tmp_path
         for r in ranks:
             if r.poll() is None:
                 os.killpg(r.pid, signal.SIGKILL)
+
+
+@pytest.mark.parametrize("failing_rank_code,expected", [(3, 3), (0, 0)])
+def test_pico_vllm_launch_exits_with_the_first_failed_ranks_code(tmp_path, failing_rank_code, expected):
+    """mlx.launch exits 0 when a rank fails; `pico-vllm launch` exits with that rank's code."""
+    script = tmp_path / "ranks.py"
+    script.write_text("import sys\nimport mlx.core as mx\n"
+                      f"sys.exit({failing_rank_code} if mx.distributed.init().rank() == 1 else 0)\n")
+    result = launch([str(script)], timeout=120)
+    assert result.returncode == expected, result.stderr
+    assert ("[pico-vllm] rank 1 failed: exiting 3" in result.stderr) == (expected == 3)

@@ -186,6 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--mlx-cache-limit", type=int, default=None,
                        help="bytes of freed MLX buffers kept for reuse while serving (default: MLX's own "
                             "limit); the cache is emptied whenever the server goes idle")
+    serve.add_argument("--max-concurrent-per-key", type=int, default=None,
+                       help="requests in flight per API key (without keys: per client address); more "
+                            "get 429 with Retry-After")
     serve.add_argument("--allowed-origins", action="append", default=None,
                        help="a web origin whose pages may call the server (CORS; repeatable; none by "
                             "default)")
@@ -381,6 +384,8 @@ def serve(args: argparse.Namespace) -> None:
         raise ValueError(f"--rate-limit must be > 0, got {args.rate_limit}")
     if args.max_request_bytes < 1:
         raise ValueError(f"--max-request-bytes must be >= 1, got {args.max_request_bytes}")
+    if args.max_concurrent_per_key is not None and args.max_concurrent_per_key < 1:
+        raise ValueError(f"--max-concurrent-per-key must be >= 1, got {args.max_concurrent_per_key}")
     if args.mlx_cache_limit is not None and args.mlx_cache_limit < 0:
         raise ValueError(f"--mlx-cache-limit must be >= 0, got {args.mlx_cache_limit}")
     api_key = _api_key(args)
@@ -418,7 +423,7 @@ def serve(args: argparse.Namespace) -> None:
             engines.append(AsyncEngine(config, name, args.tool_call_parser, args.reasoning_parser))
         print(f"[pico-vllm] serving {', '.join(names)} on http://{args.host}:{args.port}/v1", file=sys.stderr)
         app = create_app(engines, api_key, args.max_queue, args.rate_limit, args.max_request_bytes,
-                         args.allowed_origins)
+                         args.allowed_origins, args.max_concurrent_per_key)
         # An idle keep-alive connection is closed after 5 s; each connection is its own asyncio
         # task, so a slow or silent client holds only its own.
         config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",

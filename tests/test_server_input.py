@@ -141,3 +141,30 @@ def test_cors_is_closed_unless_an_origin_is_allowed(chat_model, client):
             assert "access-control-allow-origin" not in other.headers
     finally:
         engine.shutdown()
+
+
+def test_one_client_has_at_most_its_share_of_requests_in_flight(chat_model, monkeypatch):
+    import threading
+    import time
+
+    engine = AsyncEngine(EngineConfig(model=str(chat_model), num_blocks=32, max_model_len=128), "tiny")
+    step = engine.engine.step
+    monkeypatch.setattr(engine.engine, "step", lambda: (time.sleep(0.02), step())[1])  # slow steps
+    body = {"prompt": "Hi", "max_tokens": 60, "ignore_eos": True, "temperature": 0}
+    try:
+        with TestClient(create_app([engine], max_per_client=2)) as client:
+            first = threading.Thread(target=client.post, args=("/v1/completions",), kwargs={"json": body})
+            first.start()
+            while engine.requests_of("testclient") == 0:
+                time.sleep(0.01)
+            refused = client.post("/v1/completions", json=body | {"n": 2})  # 1 + 2 > 2
+            assert refused.status_code == 429 and refused.headers["retry-after"] == "1"
+            assert refused.json()["error"]["message"] == (
+                "this client already has requests in flight (at most 2: --max-concurrent-per-key)")
+            assert client.post("/v1/completions", json=body | {"max_tokens": 2}).status_code == 200
+            assert engine.requests_of("testclient") == 1  # the first one, still running
+            first.join()
+            assert client.post("/v1/completions", json=body | {"n": 2, "max_tokens": 2}).status_code == 200
+            assert engine.requests_of("testclient") == 0
+    finally:
+        engine.shutdown()

@@ -116,10 +116,11 @@ class BodyLimit:
 def create_app(
     engines: list[AsyncEngine], api_key: str | None = None, max_queue: int = 256,
     rate_limit: float | None = None, max_request_bytes: int = MAX_REQUEST_BYTES,
-    allowed_origins: list[str] | None = None,
+    allowed_origins: list[str] | None = None, max_per_client: int | None = None,
 ) -> FastAPI:
     """The app serving ``engines`` (the first is the default model). Browsers on other origins
-    may call it only from ``allowed_origins`` (CORS; none by default)."""
+    may call it only from ``allowed_origins`` (CORS; none by default); one API key (or, without
+    keys, one client address) has at most ``max_per_client`` requests in flight."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -195,6 +196,7 @@ def create_app(
         # In constant time: how long a wrong key takes to refuse says nothing about the right one.
         if api_key and not hmac.compare_digest(key.encode(), f"Bearer {api_key}".encode()):
             raise APIError(401, "missing or wrong API key", "authentication_error")
+        request.state.client = key if api_key else (request.client.host if request.client else "")
         if rate_limit and request.method == "POST":
             bucket = buckets.setdefault(key or (request.client.host if request.client else ""),
                                         TokenBucket(rate_limit))
@@ -217,7 +219,13 @@ def create_app(
                            "not_found_error", "model")
         return by_name[model]
 
-    def admit(engine: AsyncEngine, n: int) -> None:
+    def admit(engine: AsyncEngine, n: int, request: Request) -> None:
+        client = request.state.client
+        if max_per_client and sum(e.requests_of(client) for e in engines) + n > max_per_client:
+            metrics.rejected.labels("client_limit").inc()
+            raise APIError(429, f"this {'API key' if api_key else 'client'} already has requests in flight "
+                                f"(at most {max_per_client}: --max-concurrent-per-key)", "rate_limit_error",
+                           headers={"Retry-After": "1"})
         if engine.num_requests + n > max_queue:
             metrics.rejected.labels("queue_full").inc()
             raise APIError(429, f"server is at capacity ({max_queue} requests); retry shortly",
@@ -272,7 +280,7 @@ def create_app(
         params = await _checked_params(engine, body, body.max_tokens)
         # Admission right before submission, with no await between: concurrent requests are
         # counted one by one (an await here let a burst all pass the check).
-        admit(engine, body.n * len(prompts))
+        admit(engine, body.n * len(prompts), request)
 
         def echoed(out: RequestOutput) -> str:
             if not body.echo:
@@ -298,7 +306,7 @@ def create_app(
         params = await _checked_params(engine, body, max_tokens, tools if parser else [], choice,
                                        body.parallel_tool_calls)
         prompt = _chat_prompt(engine, body.messages, tools if parser else [])
-        admit(engine, body.n)  # right before submission (see completions)
+        admit(engine, body.n, request)  # right before submission (see completions)
         record = metrics.request(engine.name, time.monotonic())
         streams = await start_choices(request, engine, [prompt], params, body.n, record)
         replies = ChatReplies(parser, engine.reasoning)
@@ -310,7 +318,7 @@ def create_app(
     async def messages(body: anthropic.MessagesRequest, request: Request):
         engine = engine_for(body.model)
         prompt, params, reader = await anthropic.prepare(engine, body)
-        admit(engine, 1)  # right before submission (see completions)
+        admit(engine, 1, request)  # right before submission (see completions)
         record = metrics.request(engine.name, time.monotonic())
         ((first, rest),) = await start_choices(request, engine, [prompt], params, 1, record)
         return await anthropic.answer(request, body.stream, engine.name, first, rest, reader, record)

@@ -23,6 +23,7 @@ import asyncio
 import itertools
 import queue
 import threading
+from collections import Counter
 from dataclasses import dataclass
 
 import mlx.core as mx
@@ -83,6 +84,7 @@ class AsyncEngine:
         self.failure: BaseException | None = None  # why the engine thread died, if it did
         self._stopping = False
         self._live = 0  # RequestStreams not yet ended; only the event loop touches it
+        self._live_by_owner: Counter[str] = Counter()  # the same, per API key or client address
         self.engine: LLMEngine | None = None
         self._thread = threading.Thread(target=self._run, args=(config, loaded), name=f"engine-{name}",
                                         daemon=False)
@@ -121,17 +123,30 @@ class AsyncEngine:
         is inside a step all count at once, before it has seen any of them."""
         return self._live
 
-    def generate(self, prompt: Prompt, params: SamplingParams) -> RequestStream:
-        """Submit a request now (it counts in ``num_requests`` from this call on) and return
-        its outputs as an async iterator; iterating raises ``ValueError`` if the engine rejects
-        the request. ``close()`` before the end (a client that disconnected) aborts it."""
+    def generate(self, prompt: Prompt, params: SamplingParams, owner: str = "") -> RequestStream:
+        """Submit a request now (it counts in ``num_requests``, and in ``requests_of(owner)``,
+        from this call on) and return its outputs as an async iterator; iterating raises
+        ``ValueError`` if the engine rejects the request. ``close()`` before the end (a client
+        that disconnected) aborts it."""
         if self.failure is not None:
             raise EngineError(self.failure_message(), stopped=True)
         request_id = f"{self.name}-{next(self._ids)}"
         outputs: asyncio.Queue = asyncio.Queue()
         self._commands.put(_Add(request_id, prompt, params, asyncio.get_running_loop(), outputs))
         self._live += 1
-        return RequestStream(self, request_id, outputs)
+        self._live_by_owner[owner] += 1
+        return RequestStream(self, request_id, outputs, owner)
+
+    def requests_of(self, owner: str) -> int:
+        """Requests of ``owner`` (an API key or a client address) not yet finished or closed."""
+        return self._live_by_owner.get(owner, 0)
+
+    def stream_ended(self, owner: str) -> None:
+        """A ``RequestStream`` of ``owner`` ended: it no longer counts."""
+        self._live -= 1
+        self._live_by_owner[owner] -= 1
+        if not self._live_by_owner[owner]:
+            del self._live_by_owner[owner]
 
     def abort_all(self) -> None:
         """End every request now: each gets a final output with finish_reason "abort" (the
@@ -235,8 +250,8 @@ class RequestStream:
     finished output, or by ``close()``, which aborts the request if it had not finished (safe
     to call twice, and before iterating)."""
 
-    def __init__(self, engine: AsyncEngine, request_id: str, outputs: asyncio.Queue) -> None:
-        self.engine, self.request_id, self._outputs = engine, request_id, outputs
+    def __init__(self, engine: AsyncEngine, request_id: str, outputs: asyncio.Queue, owner: str = "") -> None:
+        self.engine, self.request_id, self._outputs, self.owner = engine, request_id, outputs, owner
         self._ended = False
 
     def __aiter__(self) -> RequestStream:
@@ -262,7 +277,7 @@ class RequestStream:
 
     def _end(self) -> None:
         self._ended = True
-        self.engine._live -= 1
+        self.engine.stream_ended(self.owner)
 
 
 def apply_command(engine: LLMEngine, command: tuple) -> BaseException | RequestOutput | None:

@@ -39,7 +39,9 @@ async def start_choices(request: Request, engine: AsyncEngine, prompts: list, pa
     wait for each one's first output: a request the engine rejects fails here, before any byte
     is sent."""
     # Submitted before the first await, so admission control counts them before the next request.
-    streams = [engine.generate(prompt, replace(params, seed=None if params.seed is None else params.seed + i))
+    owner = getattr(request.state, "client", "")  # the API key or address the gate saw
+    streams = [engine.generate(prompt, replace(params, seed=None if params.seed is None else params.seed + i),
+                               owner)
                for prompt in prompts for i in range(n)]
 
     async def first_outputs() -> list[RequestOutput]:

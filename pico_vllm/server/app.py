@@ -41,7 +41,14 @@ from pico_vllm.server.protocol import (
     SamplingFields,
     TokenizeRequest,
 )
-from pico_vllm.server.responses import ChatReplies, ClientGone, logprob_format, respond, start_choices
+from pico_vllm.server.responses import (
+    ChatReplies,
+    ClientGone,
+    CompletionReplies,
+    logprob_format,
+    respond,
+    start_choices,
+)
 from pico_vllm.tool_calls import Tool, ToolCall
 
 
@@ -289,11 +296,9 @@ def create_app(
 
         record = metrics.request(engine.name, time.monotonic())
         streams = await start_choices(request, engine, prompts, params, body.n, record)
-        firsts = {id(first) for first, _ in streams}  # a stream echoes the prompt in its first chunk
-        return await respond(request, body, engine.name, "text_completion", streams,
-                              lambda out, delta: {"text": (echoed(out) if id(out) in firsts else "") + delta},
-                              lambda out: {"text": echoed(out) + out.text}, record,
-                              logprob_format(engine, chat=False) if params.logprobs is not None else None)
+        logprobs = logprob_format(engine, chat=False) if params.logprobs is not None else None
+        reply = CompletionReplies(echoed, logprobs)
+        return await respond(request, body, engine.name, streams, reply, record)
 
     @guarded.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, request: Request):
@@ -309,10 +314,9 @@ def create_app(
         admit(engine, body.n, request)  # right before submission (see completions)
         record = metrics.request(engine.name, time.monotonic())
         streams = await start_choices(request, engine, [prompt], params, body.n, record)
-        replies = ChatReplies(parser, engine.reasoning)
-        return await respond(request, body, engine.name, "chat.completion", streams,
-                              replies.delta_choice, replies.final_choice, record,
-                              logprob_format(engine, chat=True) if params.logprobs is not None else None)
+        reply = ChatReplies(parser, engine.reasoning,
+                            logprob_format(engine, chat=True) if params.logprobs is not None else None)
+        return await respond(request, body, engine.name, streams, reply, record)
 
     @guarded.post("/v1/messages")
     async def messages(body: anthropic.MessagesRequest, request: Request):

@@ -15,7 +15,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import suppress
 from dataclasses import replace
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 from fastapi import Request
 from fastapi.responses import StreamingResponse
@@ -125,11 +125,25 @@ async def unless_client_leaves(request: Request, work: Awaitable[T]) -> T:
     return task.result()
 
 
-async def respond(request: Request, body: SamplingFields, model: str, kind: str, streams: list[Stream],
-                   delta_choice, final_choice, record: RequestRecord, logprobs: LogprobFormat | None = None):
+class Reply(Protocol):
+    """What one endpoint puts in its choices: ``kind`` ("text_completion", "chat.completion"),
+    a streamed chunk's fields (``first``: the choice's first chunk), a whole reply's fields, and
+    the logprobs format when the request asked for logprobs."""
+
+    kind: str
+    logprobs: LogprobFormat | None
+
+    def delta_choice(self, out: RequestOutput, first: bool) -> dict: ...
+
+    def final_choice(self, out: RequestOutput) -> dict: ...
+
+
+async def respond(request: Request, body: SamplingFields, model: str, streams: list[Stream], reply: Reply,
+                  record: RequestRecord):
     """A JSON body with every choice's final output, or an SSE stream of the choices' deltas as
     they come; ``record`` sees every output after the first. A client that goes away aborts
     the request: a stream notices when its next write fails, a JSON request polls."""
+    kind, logprobs = reply.kind, reply.logprobs
     request_id = f"{'chatcmpl' if kind == 'chat.completion' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
     created = int(time.time())
     if not body.stream:
@@ -149,7 +163,7 @@ async def respond(request: Request, body: SamplingFields, model: str, kind: str,
         for index, out in enumerate(outs):
             choices.append({"index": index, "finish_reason": out.finish_reason,
                             "logprobs": logprobs(out, len(out.token_ids)) if logprobs else None}
-                           | final_choice(out))
+                           | reply.final_choice(out))
         return {"id": request_id, "object": kind, "created": created, "model": model,
                 "choices": choices, "usage": _usage(outs, body)}
 
@@ -176,6 +190,7 @@ async def respond(request: Request, body: SamplingFields, model: str, kind: str,
 
         pumps = [asyncio.create_task(pump(i, first, rest)) for i, (first, rest) in enumerate(streams)]
         finals: dict[int, RequestOutput] = {}
+        started: set[int] = set()  # choices whose first chunk went out
         try:
             if kind == "chat.completion":
                 yield event([{"delta": {"role": "assistant", "content": ""}, "index": i,
@@ -185,7 +200,8 @@ async def respond(request: Request, body: SamplingFields, model: str, kind: str,
                 if isinstance(out, Exception):
                     raise out
                 choice = ({"index": index, "finish_reason": out.finish_reason}
-                          | delta_choice(out, out.delta_text))
+                          | reply.delta_choice(out, first=index not in started))
+                started.add(index)
                 if logprobs:
                     choice["logprobs"] = logprobs(out, len(out.delta_token_ids))
                 yield event([choice])
@@ -206,18 +222,37 @@ async def respond(request: Request, body: SamplingFields, model: str, kind: str,
     return StreamingResponse(events(), media_type="text/event-stream")
 
 
+class CompletionReplies:
+    """What a text completion sends: the text (after the prompt, with ``echo``, in a choice's
+    first chunk or its whole reply)."""
+
+    kind = "text_completion"
+
+    def __init__(self, echoed: Callable[[RequestOutput], str], logprobs: LogprobFormat | None) -> None:
+        self.echoed, self.logprobs = echoed, logprobs
+
+    def delta_choice(self, out: RequestOutput, first: bool) -> dict:
+        return {"text": (self.echoed(out) if first else "") + out.delta_text}
+
+    def final_choice(self, out: RequestOutput) -> dict:
+        return {"text": self.echoed(out) + out.text}
+
+
 class ChatReplies:
     """What a chat reply sends, choice by choice: content, ``reasoning_content`` and
     ``tool_calls`` (``finish_reason`` ``tool_calls`` when it called), streamed or whole."""
 
-    def __init__(self, parser: ToolCallParser | None, reasoning: bool) -> None:
-        self.parser, self.reasoning = parser, reasoning
+    kind = "chat.completion"
+
+    def __init__(self, parser: ToolCallParser | None, reasoning: bool,
+                 logprobs: LogprobFormat | None) -> None:
+        self.parser, self.reasoning, self.logprobs = parser, reasoning, logprobs
         self.readers: dict[str, ReplyReader] = {}
 
     def _reader(self, out: RequestOutput) -> ReplyReader:
         return self.readers.setdefault(out.request_id, ReplyReader(self.parser, self.reasoning))
 
-    def delta_choice(self, out: RequestOutput, _delta_text: str) -> dict:
+    def delta_choice(self, out: RequestOutput, first: bool) -> dict:
         reader = self._reader(out)
         pieces = reader.delta(out.text)
         delta = {"reasoning_content": pieces.get("reasoning"), "content": pieces.get("content")}

@@ -203,11 +203,11 @@ def test_a_full_queue_answers_429_with_retry_after(engines):
         engine = engines[0]
         assert_error(c.post("/v1/completions", json={"prompt": "Hi", "n": 2}), 429, "at capacity",
                      "rate_limit_error")  # two choices never fit a queue of 1
-        engine._live += 1  # one request in flight fills a queue of 1
+        engine._live_by_owner["elsewhere"] += 1  # one request in flight fills a queue of 1
         try:
             response = c.post("/v1/completions", json={"prompt": "Hi"})
         finally:
-            engine._live -= 1
+            del engine._live_by_owner["elsewhere"]
         assert_error(response, 429, "at capacity", "rate_limit_error")
         assert response.headers["Retry-After"] == "1"
         assert 'pico_vllm_rejected_requests_total{reason="queue_full"} 2.0' in c.get("/metrics").text

@@ -115,7 +115,7 @@ class LLMEngine:
         self.scheduler = Scheduler(self.config, windows, proposer)
         # Drafting reads the newest token on the host: with speculation, steps are synchronous
         # (and with a prediction, the steps that carry it).
-        self._async = config.async_scheduling and self.config.speculative is None
+        self._async = config.async_scheduling and speculative is None
         if config.capture_graphs == "eager" and self.runner.graphs is not None:
             from tqdm import tqdm
 
@@ -143,11 +143,7 @@ class LLMEngine:
             raise ValueError(f"request_id {request_id!r} is already in use")
         prompt = _unwrap_prompt_dict(prompt)
         token_ids = self._tokenize(prompt)
-        bad_stops = [t for t in params.stop_token_ids if t >= self.vocab_size]
-        if bad_stops:
-            raise ValueError(
-                f"stop_token_ids {bad_stops[:5]} are outside the vocabulary [0, {self.vocab_size})"
-            )
+        self._check_vocabulary("stop_token_ids", params.stop_token_ids)
         seq = Sequence(request_id, token_ids, params)
         if params.prediction is not None:
             seq.prediction = self._prediction_tokens(params.prediction)
@@ -342,12 +338,13 @@ class LLMEngine:
     def _prediction_tokens(self, prediction: str | list[int]) -> list[int]:
         if isinstance(prediction, str):
             return list(self.tokenizer.encode(prediction, add_special_tokens=False))
-        bad = [t for t in prediction if not 0 <= t < self.vocab_size]
-        if bad:
-            raise ValueError(
-                f"prediction token ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size})"
-            )
+        self._check_vocabulary("prediction token ids", prediction)
         return list(prediction)
+
+    def _check_vocabulary(self, what: str, token_ids: list[int]) -> None:
+        bad = [t for t in token_ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(f"{what} {bad[:5]} are outside the vocabulary [0, {self.vocab_size})")
 
     def _tokenize(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
@@ -363,9 +360,7 @@ class LLMEngine:
             )
         if not prompt:
             raise ValueError("prompt is empty")
-        bad = [t for t in prompt if not 0 <= t < self.vocab_size]
-        if bad:
-            raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size})")
+        self._check_vocabulary("prompt token ids", prompt)
         return list(prompt)
 
 

@@ -198,7 +198,7 @@ class Scheduler:
 
     def _draft_limit(self, seq: Sequence, budget: int) -> int:
         """How many tokens ``seq`` may draft: as many as the proposer allows and fit the budget,
-        its ``max_tokens`` and ``max_model_len`` (every one might be kept). None for a grammar's
+        its ``max_tokens`` and ``max_model_len`` (every one might be kept). 0 for a grammar's
         requests (their tokens must follow the grammar) or while drafting pauses."""
         limit = self.proposer.max_drafts(seq)
         if limit == 0 or seq.grammar is not None or seq.token_ids[-1] == PLACEHOLDER:

@@ -27,7 +27,23 @@ class SequenceStatus(enum.Enum):
     FINISHED = enum.auto()
 
 
-class Sequence:
+class OutputTokens:
+    """The output part of ``token_ids`` (after ``num_prompt_tokens``): for a ``Sequence`` and for
+    the views of it that the sampler sees (``speculative.DraftPosition``)."""
+
+    token_ids: list[int]
+    num_prompt_tokens: int
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+
+class Sequence(OutputTokens):
     """One request: prompt + generated tokens, and the pool blocks holding their K/V: one block
     table per layer group (see ``BlockManager``), ``block_tables[g][i]`` holding tokens
     ``[i * block_size, (i + 1) * block_size)`` of group ``g``'s layers."""
@@ -69,14 +85,6 @@ class Sequence:
     @property
     def num_tokens(self) -> int:
         return len(self.token_ids)
-
-    @property
-    def output_token_ids(self) -> list[int]:
-        return self.token_ids[self.num_prompt_tokens :]
-
-    @property
-    def num_output_tokens(self) -> int:
-        return len(self.token_ids) - self.num_prompt_tokens
 
     @property
     def is_finished(self) -> bool:

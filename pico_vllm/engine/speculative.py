@@ -1,4 +1,5 @@
-"""Speculative decoding with n-gram drafts (prompt lookup), verified inside the continuous batch.
+"""Speculative decoding: drafts (n-gram lookup, a client's prediction; a draft model in
+``draft_model.py``) verified inside the continuous batch.
 
 A sequence that is decoding may *draft* up to ``k`` tokens: where its last ``n`` tokens occurred
 earlier in its prompt or output, the tokens that followed them there are a guess at what comes
@@ -23,8 +24,8 @@ from it, drafting resumes after the latest few output tokens' place in the predi
 
 Drafting needs the last token on the host, so an engine with speculation steps synchronously, and
 so does any step carrying a request with a prediction.
-A sequence whose drafts keep failing pauses drafting (``pause``), so a workload without
-repetition costs little.
+A sequence whose drafts keep failing pauses drafting (``after_verification``), so a workload
+without repetition costs little.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from __future__ import annotations
 import numpy as np
 
 from pico_vllm.config import SpeculativeConfig
-from pico_vllm.engine.sequence import Sequence
+from pico_vllm.engine.sequence import OutputTokens, Sequence
 from pico_vllm.sampling_params import SamplingParams
 
 MAX_PAUSE = 16  # steps without drafts, at most, after drafts kept failing
@@ -120,7 +121,7 @@ class DraftProposer:
         return self.ngram.continue_from(seq.token_ids, prediction, len(output), k)
 
 
-class DraftPosition:
+class DraftPosition(OutputTokens):
     """What the sampler sees at position ``i`` of a verified chunk: the sequence as if its first
     ``i`` drafts had been generated (penalties count them, ``min_tokens`` and seeds use the output
     position). Satisfies the sampler's ``SamplingRequest``."""
@@ -131,14 +132,6 @@ class DraftPosition:
         self.params: SamplingParams = seq.params
         self.num_prompt_tokens = seq.num_prompt_tokens
         self.token_ids = seq.token_ids + drafts
-
-    @property
-    def output_token_ids(self) -> list[int]:
-        return self.token_ids[self.num_prompt_tokens :]
-
-    @property
-    def num_output_tokens(self) -> int:
-        return len(self.token_ids) - self.num_prompt_tokens
 
 
 def accepted(drafts: list[int], sampled: list[int]) -> list[int]:

@@ -94,9 +94,9 @@ class BodyLimit:
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        declared = dict(scope["headers"]).get(b"content-length", b"0")
+        declared = int(dict(scope["headers"]).get(b"content-length", b"0"))
         body = bytearray()
-        if int(declared) <= self.limit:
+        if declared <= self.limit:
             while True:
                 message = await receive()
                 if message["type"] != "http.request":
@@ -104,7 +104,7 @@ class BodyLimit:
                 body += message.get("body", b"")
                 if len(body) > self.limit or not message.get("more_body"):
                     break
-        if int(declared) > self.limit or len(body) > self.limit:
+        if declared > self.limit or len(body) > self.limit:
             refusal = APIError(413, f"request body is over the server's limit of {self.limit} bytes "
                                     "(--max-request-bytes)")
             return await error_response(refusal, scope["path"])(scope, receive, send)
@@ -195,9 +195,7 @@ def create_app(
         hides a client's disconnect from ``request.is_disconnected()``."""
         if app.state.closing:
             raise APIError(503, "server is shutting down", "server_error")
-        stopped = stopped_engines()
-        if stopped:
-            raise APIError(503, stopped, "server_error")
+        refuse_if_an_engine_stopped()
         # OpenAI's clients send `Authorization: Bearer KEY`, Anthropic's `x-api-key: KEY`.
         key = request.headers.get("authorization", "") or f"Bearer {request.headers.get('x-api-key', '')}"
         # In constant time: how long a wrong key takes to refuse says nothing about the right one.
@@ -238,16 +236,16 @@ def create_app(
             raise APIError(429, f"server is at capacity ({max_queue} requests); retry shortly",
                            "rate_limit_error", headers={"Retry-After": "1"})
 
-    def stopped_engines() -> str | None:
-        return "; ".join(filter(None, (engine.failure_message() for engine in engines))) or None
+    def refuse_if_an_engine_stopped() -> None:
+        stopped = "; ".join(filter(None, (engine.failure_message() for engine in engines)))
+        if stopped:
+            raise APIError(503, stopped, "server_error")
 
     @app.get("/health")
     async def health() -> dict:
         """200 while every engine serves; 503 (naming why) once one has stopped: a supervisor's
         cue to restart the server, which exits 1 by itself."""
-        stopped = stopped_engines()
-        if stopped:
-            raise APIError(503, stopped, "server_error")
+        refuse_if_an_engine_stopped()
         return {"status": "ok"}
 
     @app.get("/metrics")

@@ -83,8 +83,9 @@ class AsyncEngine:
         self._startup_error: BaseException | None = None
         self.failure: BaseException | None = None  # why the engine thread died, if it did
         self._stopping = False
-        self._live = 0  # RequestStreams not yet ended; only the event loop touches it
-        self._live_by_owner: Counter[str] = Counter()  # the same, per API key or client address
+        # RequestStreams not yet ended, per owner (API key or client address); only the event
+        # loop touches it.
+        self._live_by_owner: Counter[str] = Counter()
         self.engine: LLMEngine | None = None
         self._thread = threading.Thread(target=self._run, args=(config, loaded), name=f"engine-{name}",
                                         daemon=False)
@@ -121,7 +122,7 @@ class AsyncEngine:
         """Requests submitted and not yet finished or closed (admission control reads it).
         Counted on the asyncio side at submission: requests that arrive while the engine thread
         is inside a step all count at once, before it has seen any of them."""
-        return self._live
+        return sum(self._live_by_owner.values())
 
     def generate(self, prompt: Prompt, params: SamplingParams, owner: str = "") -> RequestStream:
         """Submit a request now (it counts in ``num_requests``, and in ``requests_of(owner)``,
@@ -133,7 +134,6 @@ class AsyncEngine:
         request_id = f"{self.name}-{next(self._ids)}"
         outputs: asyncio.Queue = asyncio.Queue()
         self._commands.put(_Add(request_id, prompt, params, asyncio.get_running_loop(), outputs))
-        self._live += 1
         self._live_by_owner[owner] += 1
         return RequestStream(self, request_id, outputs, owner)
 
@@ -143,7 +143,6 @@ class AsyncEngine:
 
     def stream_ended(self, owner: str) -> None:
         """A ``RequestStream`` of ``owner`` ended: it no longer counts."""
-        self._live -= 1
         self._live_by_owner[owner] -= 1
         if not self._live_by_owner[owner]:
             del self._live_by_owner[owner]

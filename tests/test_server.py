@@ -278,7 +278,7 @@ def test_rate_limit_per_key_answers_429_with_retry_after(engines):
 def test_shutting_down_answers_503_but_health_stays_up(engines):
     app = create_app(engines)
     with TestClient(app) as c:
-        app.state.closing = True
+        app.state.server.closing = True
         assert_error(c.post("/v1/completions", json={"prompt": "Hi"}), 503, "shutting down", "server_error")
         assert c.get("/health").status_code == 200
 

@@ -39,7 +39,7 @@ class DrainingServer(uvicorn.Server):
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if self.drain_deadline is None:
-            self.app.state.closing = True
+            self.app.state.server.closing = True
             self.drain_deadline = time.monotonic() + self.timeout
             in_flight = sum(engine.num_requests for engine in self.engines)
             print(f"[pico-vllm] shutting down: new requests get 503; draining {in_flight} request(s) "

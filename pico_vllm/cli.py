@@ -15,6 +15,7 @@ import re
 import signal
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 from pico_vllm import __version__
@@ -183,6 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--api-key-file", default=None, help="read the API key from this file's first line")
     serve.add_argument("--max-request-bytes", type=int, default=8 * 1024 * 1024,
                        help="largest request body accepted; larger ones get 413")
+    serve.add_argument("--request-read-timeout", type=float, default=30.0,
+                       help="seconds a client has, from connecting or from its last response, to send a "
+                            "whole request (headers and body); slower clients are disconnected")
     serve.add_argument("--mlx-cache-limit", type=int, default=None,
                        help="bytes of freed MLX buffers kept for reuse while serving (default: MLX's own "
                             "limit); the cache is emptied whenever the server goes idle")
@@ -384,6 +388,8 @@ def serve(args: argparse.Namespace) -> None:
         raise ValueError(f"--rate-limit must be > 0, got {args.rate_limit}")
     if args.max_request_bytes < 1:
         raise ValueError(f"--max-request-bytes must be >= 1, got {args.max_request_bytes}")
+    if not args.request_read_timeout > 0:
+        raise ValueError(f"--request-read-timeout must be > 0, got {args.request_read_timeout}")
     if args.max_concurrent_per_key is not None and args.max_concurrent_per_key < 1:
         raise ValueError(f"--max-concurrent-per-key must be >= 1, got {args.max_concurrent_per_key}")
     if args.mlx_cache_limit is not None and args.mlx_cache_limit < 0:
@@ -399,6 +405,7 @@ def serve(args: argparse.Namespace) -> None:
     from pico_vllm.server.app import create_app
     from pico_vllm.server.async_engine import AsyncEngine
     from pico_vllm.server.drain import DrainingServer
+    from pico_vllm.server.limits import TimedH11Protocol
 
     if configs[0].tensor_parallel_size > 1:
         if len(configs) > 1:
@@ -424,9 +431,11 @@ def serve(args: argparse.Namespace) -> None:
         print(f"[pico-vllm] serving {', '.join(names)} on http://{args.host}:{args.port}/v1", file=sys.stderr)
         app = create_app(engines, api_key, args.max_queue, args.rate_limit, args.max_request_bytes,
                          args.allowed_origins, args.max_concurrent_per_key)
-        # An idle keep-alive connection is closed after 5 s; each connection is its own asyncio
-        # task, so a slow or silent client holds only its own.
-        config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
+        # Each connection is its own asyncio task, so a slow or silent client holds only its own,
+        # and not for long: an idle keep-alive connection is closed after 5 s, one that does not
+        # send its whole request in time after --request-read-timeout.
+        protocol = partial(TimedH11Protocol, read_timeout=args.request_read_timeout)
+        config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", http=protocol,
                                 timeout_graceful_shutdown=5, timeout_keep_alive=5)
         server = DrainingServer(config, app, engines, args.shutdown_timeout)
         server.run()

@@ -5,6 +5,7 @@ SIGTERM that lets requests in flight finish (or aborts them when time is up) and
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import socket
@@ -246,3 +247,52 @@ def test_a_soak_of_2000_requests_a_fifth_hanging_up_leaves_memory_flat(chat_mode
     assert samples[-1].mlx_cache_mb == 0  # idle: the buffer cache was given back
     plot(samples, str(tmp_path / "soak.png"))
     assert (tmp_path / "soak.png").stat().st_size > 0
+
+
+def test_slow_and_silent_clients_are_cut_off_without_holding_up_others(chat_model):
+    """Slowloris: 30 connections that send nothing, half a head, or a head and part of a body,
+    and one that trickles its head a byte at a time; meanwhile a plain request and a stream slower
+    than the timeout are served whole, and after --request-read-timeout (1 s) the server has
+    closed every held connection."""
+
+    def closed_by_server(s: socket.socket) -> bool:
+        s.settimeout(0)
+        try:
+            return s.recv(1) == b""
+        except BlockingIOError:
+            return False  # still open: nothing to read
+        except ConnectionResetError:
+            return True
+
+    with running_server(str(chat_model), "--request-read-timeout", "1", "--num-blocks", "256",
+                        "--max-model-len", "1024") as (process, base):
+        port = int(base.rsplit(":", 1)[1])
+        head = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        partials = [b"", head, head + b"Content-Length: 100\r\n\r\n{\"prompt\": "]
+        held = [socket.create_connection(("127.0.0.1", port)) for _ in range(30)]
+        for i, s in enumerate(held):
+            s.sendall(partials[i % 3])
+        body = {"prompt": "Hi", "max_tokens": 4, "ignore_eos": True}
+        answer = httpx.post(f"{base}/v1/completions", json=body, timeout=5)
+        assert answer.status_code == 200 and answer.json()["usage"]["completion_tokens"] == 4
+        with httpx.Client(base_url=base, timeout=30) as client:  # a response slower than the timeout
+            long = {"prompt": "Hi", "max_tokens": 1000, "ignore_eos": True, "stream": True, "n": 4}
+            streamed = time.monotonic()
+            with client.stream("POST", "/v1/completions", json=long) as response:
+                lines = [line for line in response.iter_lines() if line]
+            assert lines[-1] == "data: [DONE]" and time.monotonic() - streamed > 1.5
+            # the same keep-alive connection serves its next request
+            assert client.post("/v1/completions", json=body).status_code == 200
+        assert all(closed_by_server(s) for s in held)
+
+        trickle, opened = socket.create_connection(("127.0.0.1", port)), time.monotonic()
+        for i in range(len(head)):  # a valid head, a byte every 0.1 s (8 s in all), does not keep it open
+            if closed_by_server(trickle):
+                break
+            with contextlib.suppress(OSError):
+                trickle.send(head[i:i + 1])
+            time.sleep(0.1)
+        assert closed_by_server(trickle) and time.monotonic() - opened < 2.5, "the trickle outlived its time"
+        for s in [*held, trickle]:
+            s.close()
+        stop(process, signal.SIGTERM)

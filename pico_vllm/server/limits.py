@@ -1,16 +1,65 @@
-"""Limits the server puts on its clients before any work: a request body's size (``BodyLimit``,
-ASGI middleware) and a key's request rate (``TokenBucket``). Admission (queue size, requests in
-flight per key) is ``ServerState.admit`` in ``app.py``.
+"""Limits the server puts on its clients before any work: the time to send a request
+(``TimedH11Protocol``), a request body's size (``BodyLimit``, ASGI middleware) and a key's request
+rate (``TokenBucket``). Admission (queue size, requests in flight per key) is
+``ServerState.admit`` in ``state.py``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
+
+import h11
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from pico_vllm.server.errors import error_response
 from pico_vllm.server.protocol import APIError
 
 MAX_REQUEST_BYTES = 8 * 1024 * 1024  # a request body's default limit (--max-request-bytes)
+REQUEST_READ_TIMEOUT_S = 30.0  # the default of --request-read-timeout
+
+
+class TimedH11Protocol(H11Protocol):
+    """uvicorn's HTTP/1.1 protocol with the timeout uvicorn lacks: a client has ``read_timeout``
+    seconds, from opening its connection or from the end of its last response, to send a whole
+    request (head and body), or it is disconnected. Without it, a client that sends its headers a
+    byte at a time (slowloris) or never finishes its body holds its connection forever; each holds
+    only its own asyncio task, so others are never blocked, but file descriptors run out.
+    (uvicorn's ``timeout_keep_alive`` covers only a connection that sends nothing after a
+    response.)"""
+
+    def __init__(self, *args, read_timeout: float = REQUEST_READ_TIMEOUT_S, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.read_timeout = read_timeout
+        self.read_deadline: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:
+        super().connection_made(transport)
+        self._start_read_deadline()
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self.conn.their_state is h11.DONE and self.read_deadline is not None:
+            self.read_deadline.cancel()  # the whole request is in: a slow response is no fault of the client
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._start_read_deadline()  # the next request on this connection gets its own time
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        if self.read_deadline is not None:
+            self.read_deadline.cancel()
+
+    def _start_read_deadline(self) -> None:
+        if self.read_deadline is not None:
+            self.read_deadline.cancel()
+        if self.conn.their_state is not h11.DONE:  # a pipelined request may already be in
+            self.read_deadline = self.loop.call_later(self.read_timeout, self._close_if_unread)
+
+    def _close_if_unread(self) -> None:
+        if self.conn.their_state is not h11.DONE and not self.transport.is_closing():
+            self.transport.close()
 
 
 class TokenBucket:

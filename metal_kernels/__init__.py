@@ -18,11 +18,18 @@ import logging
 
 import mlx.core as mx
 
-from metal_kernels.kernel import instance, paged_attention_kernel, unsupported_reason
-from metal_kernels.reference import paged_attention_reference
+from metal_kernels.cascade import paged_partials_reference, shared_prefix_partials
+from metal_kernels.kernel import (
+    instance,
+    merge_partitions,
+    paged_attention_kernel,
+    paged_attention_partials,
+    unsupported_reason,
+)
+from metal_kernels.reference import merge_partitions_reference, paged_attention_reference
 
-__all__ = ["metal_available", "paged_attention", "paged_attention_metal", "paged_attention_reference",
-           "prepare"]
+__all__ = ["cascade_attention", "metal_available", "paged_attention", "paged_attention_metal",
+           "paged_attention_reference", "prepare"]
 
 logger = logging.getLogger("pico_vllm.metal")
 
@@ -89,6 +96,35 @@ def paged_attention_metal(
         return None
     return paged_attention_kernel(q, k_pool, v_pool, block_tables, context_lens, scale,
                                   window=window, sinks=sinks, softcap=softcap)
+
+
+def cascade_attention(
+    q: mx.array, k_pool: mx.array, v_pool: mx.array, shared_table: mx.array, shared_lens: mx.array,
+    suffix_tables: mx.array, suffix_lens: mx.array, scale: float, *, sinks: mx.array | None = None,
+    softcap: float | None = None,
+) -> mx.array:
+    """Decode attention of ``q[B, Hq, D]`` whose row ``b`` reads the first ``shared_lens[b]``
+    tokens of ``shared_table`` and then its own ``suffix_lens[b]`` tokens through
+    ``suffix_tables[b]``; returns ``[B, Hq, D]`` in ``q``'s dtype, equal to
+    ``paged_attention_reference`` over the whole tables (no window: a window's start moves with
+    each row). On Metal the own blocks run through the kernel's pass 1 and everything merges in
+    its pass 2; elsewhere both are the MLX reference."""
+    shared = shared_prefix_partials(q, k_pool, v_pool, shared_table, shared_lens, scale, softcap)
+    num_kv_heads, _, block_size, head_dim = k_pool.shape
+    on_metal = (
+        metal_available()
+        and unsupported_reason(q, k_pool, v_pool, suffix_tables, suffix_lens, sinks) is None
+        and prepare(q.dtype, q.shape[1], num_kv_heads, head_dim, block_size)
+    )
+    if on_metal:
+        own = paged_attention_partials(q, k_pool, v_pool, suffix_tables, suffix_lens, scale, softcap=softcap)
+    else:
+        own = paged_partials_reference(q, k_pool, v_pool, suffix_tables, suffix_lens, scale, softcap)
+    o_part = mx.concatenate([shared[0], own[0]], axis=2)
+    ml_part = mx.concatenate([shared[1], own[1]], axis=2)
+    if on_metal:
+        return merge_partitions(o_part, ml_part, q.dtype, sinks)
+    return merge_partitions_reference(o_part, ml_part, sinks).astype(q.dtype)
 
 
 def prepare(dtype: mx.Dtype, num_q_heads: int, num_kv_heads: int, head_dim: int, block_size: int) -> bool:

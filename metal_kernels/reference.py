@@ -98,14 +98,23 @@ def softmax_attention(
     return (probs.astype(values.dtype) @ values).astype(queries.dtype)
 
 
-def merge_partitions_reference(o_part: mx.array, ml_part: mx.array) -> mx.array:
+def merge_partitions_reference(
+    o_part: mx.array, ml_part: mx.array, sinks: mx.array | None = None
+) -> mx.array:
     """Pass 2's contract in MLX ops: partial softmaxes ``o_part[B, Hq, P, D]`` (each divided by
     its own sum) with ``ml_part[B, Hq, P, 2]`` = (max score m, sum l) merge exactly into
     ``[B, Hq, D]`` float32: ``M = max_p m_p``, ``w_p = l_p exp(m_p - M)``,
-    ``out = sum_p w_p o_p / sum_p w_p``; a row without tokens (every ``l_p`` 0) is zeros."""
+    ``out = sum_p w_p o_p / sum_p w_p``; a row without tokens (every ``l_p`` 0) is zeros. A sink
+    ``sinks[Hq]`` is one more logit without a value: ``M`` covers it and ``exp(s - M)`` joins the
+    denominator only."""
     m, l = ml_part[..., 0], ml_part[..., 1]
     m_all = mx.max(m, axis=-1, keepdims=True)
+    if sinks is not None:
+        sink = sinks.astype(mx.float32)[None, :, None]
+        m_all = mx.maximum(m_all, sink)
     m_all = mx.where(mx.isinf(m_all), 0.0, m_all)  # rows with no token at all
     w = mx.where(l > 0, l * mx.exp(m - m_all), 0.0)
     total = w.sum(axis=-1, keepdims=True)
+    if sinks is not None:
+        total = total + mx.exp(sink - m_all)
     return (o_part * w[..., None]).sum(axis=2) / mx.maximum(total, 1e-30)

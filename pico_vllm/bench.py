@@ -7,6 +7,8 @@ same number of tokens), on the same weights:
 - ``pico-vllm eager``: the same with ``enforce_eager=True``;
 - ``pico-vllm spec``: the same with speculative decoding
   (``--speculative-config``, default ``SPECULATIVE_DEFAULT``);
+- ``pico-vllm no-cascade``: the same with ``disable_cascade_attn=True`` (what cascade attention
+  buys on ``shared-prefix``; not in the default selection);
 - ``pico-vllm mlx-lm``: this engine running mlx-lm's model code through the paged adapter
   (``models/mlx_lm_adapter.py``) instead of our own model file: what every other architecture
   runs on (not in the default selection);
@@ -39,8 +41,8 @@ from pathlib import Path
 
 import numpy as np
 
-ENGINES = ("pico-vllm", "pico-vllm eager", "pico-vllm spec", "pico-vllm mlx-lm", "mlx-lm batch",
-           "mlx-lm sequential")
+ENGINES = ("pico-vllm", "pico-vllm eager", "pico-vllm spec", "pico-vllm no-cascade", "pico-vllm mlx-lm",
+           "mlx-lm batch", "mlx-lm sequential")
 WORKLOADS = ("mixed", "shared-prefix", "single", "repetitive", "online", "steps", "structured")
 # What a bare `pico-vllm bench` (and `make run`) runs: the comparisons with mlx-lm.
 DEFAULT_ENGINES = ("pico-vllm", "pico-vllm eager", "pico-vllm spec", "mlx-lm batch", "mlx-lm sequential")

@@ -233,6 +233,7 @@ def benchmark(
     twin = mlx_lm_twin(loaded) if {"mlx-lm batch", "mlx-lm sequential"} & set(used) else None
     pico = {name: LLMEngine(EngineConfig(
                 model=model, max_num_seqs=max_num_seqs, enforce_eager=name.endswith("eager"),
+                disable_cascade_attn=name.endswith("no-cascade"),
                 speculative_config=facts["speculative_config"] if name.endswith("spec") else None,
             ), pico_model(name, loaded))
             for name in used if name.startswith("pico-vllm")}

@@ -35,6 +35,9 @@ class EngineConfig:
             captured with ``mx.compile``, one per (batch, block-table width) bucket.
         capture_graphs: ``"lazy"`` traces a bucket's graph on its first step; ``"eager"``
             traces all of them when the engine starts (as vLLM captures CUDA graphs).
+        disable_cascade_attn: never use cascade attention (vLLM's name). Otherwise decode
+            steps in which several sequences share leading KV blocks read those blocks once for
+            all of them (exact; see ``metal_kernels.cascade_attention``).
         async_scheduling: queue step n+1 before reading step n back, so the host's scheduling
             and detokenizing overlap the model's compute (greedy outputs are unchanged).
         seed: seed of the global RNG used by requests that give no seed of their own.
@@ -60,6 +63,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     enforce_eager: bool = False
     capture_graphs: str = "lazy"
+    disable_cascade_attn: bool = False
     async_scheduling: bool = True
     seed: int = 0
     tensor_parallel_size: int = 1

@@ -50,6 +50,7 @@ class EngineStats:
     draft_tokens: int = 0  # speculative decoding: tokens drafted and verified
     accepted_draft_tokens: int = 0  # of those, kept
     draft_runs: int = 0  # sequence-steps that verified drafts
+    cascade_steps: int = 0  # steps whose decode rows shared blocks through cascade attention
 
     @property
     def draft_acceptance_rate(self) -> float | None:
@@ -227,6 +228,7 @@ class LLMEngine:
             pending.start()
             self.scheduler.advance(out, pending.seqs)
             self.stats.steps += 1
+            self.stats.cascade_steps = self.runner.cascade_steps
             # Where each sampled token goes in its sequence, once the host reads it.
             self._in_flight = (pending, [len(seq.token_ids) - 1 for seq in pending.seqs])
         if previous is not None:

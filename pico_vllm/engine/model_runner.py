@@ -25,11 +25,12 @@ import numpy as np
 from metal_kernels import metal_available
 from metal_kernels import prepare as prepare_paged_attention
 from pico_vllm.config import CPU_KV_CACHE_BYTES, EngineConfig
+from pico_vllm.engine.cascade import plan_shared_prefix
 from pico_vllm.engine.decode_graphs import DecodeGraphs
 from pico_vllm.engine.scheduler import SchedulerOutput
 from pico_vllm.engine.sequence import NO_BLOCK, PLACEHOLDER, Sequence
 from pico_vllm.engine.speculative import DraftPosition, accepted
-from pico_vllm.layers.attention import AttentionMetadata, PrefillChunk
+from pico_vllm.layers.attention import AttentionMetadata, PrefillChunk, SharedPrefix
 from pico_vllm.layers.kv_cache import KVCache, KVSpec
 from pico_vllm.layers.sampler import PendingSamples, Sampler
 
@@ -148,6 +149,10 @@ class ModelRunner:
         # On a Mac: self-check the decode kernel's instance now, before any graph is traced.
         prepare_paged_attention(dtype, spec.num_q_heads, spec.num_kv_heads, spec.head_dim, config.block_size)
         max_blocks = min(-(-max_model_len // config.block_size), self.num_blocks)
+        # Cascade attention for decode rows sharing leading blocks, where every layer attends over
+        # its whole context (a sliding window's start moves with each row).
+        self.cascade = not config.disable_cascade_attn and all(w is None for w in self.cache.layout.windows)
+        self.cascade_steps = 0  # steps that ran cascade attention
         self.graphs = None
         if not config.enforce_eager and model.supports_graphs:
             self.graphs = DecodeGraphs(
@@ -244,9 +249,12 @@ class ModelRunner:
         input_ids[mx.array(rows)] = previous.token_ids[mx.array(sources)]
         return input_ids
 
-    def _decode_step(self, input_ids, positions, slot_blocks, slot_offsets, block_tables, context_lens):
-        """One decode token per row -> ``(logits[B, V], argmax[B])``; what the graphs capture."""
-        meta = AttentionMetadata(slot_blocks, slot_offsets, block_tables, context_lens)
+    def _decode_step(self, input_ids, positions, slot_blocks, slot_offsets, block_tables, context_lens,
+                     *shared_prefix):
+        """One decode token per row -> ``(logits[B, V], argmax[B])``; what the graphs capture.
+        ``shared_prefix``: the four arrays of a ``SharedPrefix``, or none."""
+        shared = SharedPrefix(*shared_prefix) if shared_prefix else None
+        meta = AttentionMetadata(slot_blocks, slot_offsets, block_tables, context_lens, shared_prefix=shared)
         logits = self.model(input_ids, positions, self.cache, meta).astype(mx.float32)
         return logits, mx.argmax(logits, axis=-1)
 
@@ -263,13 +271,43 @@ class ModelRunner:
         ids, positions = np.zeros(rows, np.int32), np.zeros(rows, np.int32)
         slot_blocks, slot_offsets = np.full((groups, rows), scratch, np.int32), np.zeros(rows, np.int32)
         tables, lengths = np.full((groups, rows, width), scratch, np.int32), np.zeros(rows, np.int32)
+        row_tables = []
         for row, (seq, _) in enumerate(batch):
             position = seq.num_computed_tokens
             table = self._tables(seq, position // self.block_size + 1)
             ids[row], positions[row], lengths[row] = seq.token_ids[position], position, position + 1
             slot_blocks[:, row], slot_offsets[row] = table[:, -1], position % self.block_size
             tables[:, row, : table.shape[1]] = table
-        return [mx.array(a) for a in (ids, positions, slot_blocks, slot_offsets, tables, lengths)]
+            row_tables.append(table)
+        arrays = [mx.array(a) for a in (ids, positions, slot_blocks, slot_offsets, tables, lengths)]
+        shared = self._shared_prefix(row_tables, lengths[: len(batch)].tolist(), rows)
+        return arrays + list(shared or ())
+
+    def _shared_prefix(self, tables: list[np.ndarray], lengths: list[int], rows: int) -> SharedPrefix | None:
+        """Cascade attention's arrays for decode rows with ``tables[b]`` (``[G, n]``) and
+        ``lengths``, padded to ``rows`` (and the tables' widths to width buckets under graphs);
+        None when cascade is off or no rows share enough blocks."""
+        plan = plan_shared_prefix([t[0] for t in tables], lengths, self.block_size) if self.cascade else None
+        if plan is None:
+            return None
+        self.cascade_steps += 1
+        scratch, groups, shared = self.cache.scratch_block, len(self.cache.layout.windows), plan.num_blocks
+        members = set(plan.rows)
+        # The own tables are as wide as the longest one past its shared blocks, not as the
+        # whole tables: that is the reading cascade saves.
+        width = max(t.shape[1] - shared * (row in members) for row, t in enumerate(tables))
+        shared_width = shared
+        if self.graphs is not None:
+            shared_width, width = self.graphs.bucket(1, shared)[1], self.graphs.bucket(1, width)[1]
+        table = np.full((groups, shared_width), scratch, np.int32)
+        table[:, :shared] = tables[plan.rows[0]][:, :shared]
+        shared_lens, suffix_lens = np.zeros(rows, np.int32), np.zeros(rows, np.int32)
+        suffix_tables = np.full((groups, rows, width), scratch, np.int32)
+        for row, own in enumerate(tables):
+            skip = shared if row in members else 0
+            suffix_tables[:, row, : own.shape[1] - skip] = own[:, skip:]
+            shared_lens[row], suffix_lens[row] = skip * self.block_size, lengths[row] - skip * self.block_size
+        return SharedPrefix(*(mx.array(a) for a in (table, shared_lens, suffix_tables, suffix_lens)))
 
     def prepare(
         self, batch: list[tuple[Sequence, int]], drafts: dict[Sequence, list[int]] | None = None
@@ -311,5 +349,6 @@ class ModelRunner:
             block_tables=mx.array(block_tables),
             context_lens=mx.array(np.asarray(decode_lens, dtype=np.int32)),
             prefills=tuple(prefills),
+            shared_prefix=self._shared_prefix(decode_tables, decode_lens, len(decode_tables)),
         )
         return mx.array(np.concatenate(ids)), mx.array(positions), meta

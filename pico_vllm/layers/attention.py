@@ -5,7 +5,8 @@ tokens (one query token per sequence), then the *prefill chunks* (several prompt
 sequence). Every layer first writes the step's new K/V into the pool **in place**, then
 
 - decode tokens attend through :func:`metal_kernels.paged_attention` (the Metal kernel on a Mac,
-  the pure-MLX reference elsewhere), and
+  the pure-MLX reference elsewhere), or, when several share a prefix of blocks, through
+  :func:`metal_kernels.cascade_attention` (the shared blocks read once for all of them), and
 - each prefill chunk gathers its sequence's blocks (cached prefix + the chunk just written)
   and runs causal ``scaled_dot_product_attention``.
 """
@@ -16,7 +17,7 @@ from typing import NamedTuple
 
 import mlx.core as mx
 
-from metal_kernels import paged_attention
+from metal_kernels import cascade_attention, paged_attention
 from metal_kernels.reference import softmax_attention
 from pico_vllm.layers.kv_cache import KVCache
 
@@ -28,6 +29,18 @@ class PrefillChunk(NamedTuple):
     query_len: int  # tokens in the chunk
     context_len: int  # tokens of this sequence in the pool after the step (prefix + chunk)
     block_table: mx.array  # [G, ceil(context_len / block_size)] int32, one row per layer group
+
+
+class SharedPrefix(NamedTuple):
+    """Decode rows whose block tables start with the same blocks (cascade attention; planned by
+    ``engine/cascade.py``). A row reads ``lens[b]`` tokens of ``table`` (0: not in the cascade),
+    then its own ``suffix_lens[b]`` tokens through ``suffix_tables[:, b]``, its table past the
+    shared blocks."""
+
+    table: mx.array  # [G, NS] int32
+    lens: mx.array  # [B] int32
+    suffix_tables: mx.array  # [G, B, max_blocks] int32
+    suffix_lens: mx.array  # [B] int32
 
 
 class AttentionMetadata(NamedTuple):
@@ -48,6 +61,7 @@ class AttentionMetadata(NamedTuple):
     block_tables: mx.array  # [G, B, max_blocks] int32; entries past a context are never read
     context_lens: mx.array  # [B] int32, the query token included; 0 marks a padding row
     prefills: tuple[PrefillChunk, ...] = ()
+    shared_prefix: SharedPrefix | None = None  # decode rows sharing leading blocks, if any
 
     @property
     def num_decode_tokens(self) -> int:
@@ -100,7 +114,16 @@ def attend(
     written): decode rows through :func:`metal_kernels.paged_attention`, then each prefill chunk."""
     k_pool, v_pool, group = cache.keys(layer), cache.values(layer), cache.group(layer)
     outputs = []
-    if meta.num_decode_tokens:
+    shared = meta.shared_prefix
+    if meta.num_decode_tokens and shared is not None and variant.window is None:
+        outputs.append(
+            cascade_attention(
+                q[: meta.num_decode_tokens], k_pool, v_pool, shared.table[group], shared.lens,
+                shared.suffix_tables[group], shared.suffix_lens, scale, sinks=variant.sinks,
+                softcap=variant.softcap,
+            )
+        )
+    elif meta.num_decode_tokens:  # a window's start moves with each row: whole tables
         outputs.append(
             paged_attention(
                 q[: meta.num_decode_tokens],

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from harness import build, capture_msl, run
 
+from metal_kernels import TOLERANCE as SELF_CHECK_TOLERANCE
 from metal_kernels.kernel import (
     MERGE_SOURCE_PATH,
     build_kernel,
@@ -117,22 +118,26 @@ def emulate(case, scale, partitions=None, source=None, merge_source=None, saniti
                 for name, shape in zip(("o_part", "ml_part"), config["output_shapes"])}
     first = run(build(capture_msl(pass1, *case), sanitizer), inputs, partials, config["grid"],
                 config["threadgroup"], ENV)
-    o_part, ml_part = mx.array(partials["o_part"]), mx.array(partials["ml_part"])
+    second, result = emulate_merge(partials["o_part"], partials["ml_part"], q.dtype, sinks, merge, sanitizer)
+    return first, second, partials["o_part"], partials["ml_part"], result, config
 
-    sink_logits = mx.full((q.shape[1],), -mx.inf) if sinks is None else sinks.astype(mx.float32)
+
+def emulate_merge(o_part: np.ndarray, ml_part: np.ndarray, dtype, sinks=None, merge=None, sanitizer=None):
+    """Pass 2's generated MSL on the CPU over these partials; returns (its run, out as float32)."""
+    merge = merge or build_merge_kernel()
+    sink_logits = mx.full((o_part.shape[1],), -mx.inf) if sinks is None else sinks.astype(mx.float32)
 
     def pass2(o, ml, s):
-        return merge_partitions(o, ml, q.dtype, s, kernel=merge, verbose=True)
+        return merge_partitions(o, ml, dtype, s, kernel=merge, verbose=True)
 
-    merged = merge_config(o_part, q.dtype)
-    poison = numpy_of(mx.full(merged["output_shapes"][0], mx.nan, dtype=q.dtype))
-    out = {"out": poison}
-    second = run(build(capture_msl(pass2, o_part, ml_part, sink_logits), sanitizer),
-                 {"o_part": partials["o_part"], "ml_part": partials["ml_part"],
-                  "sinks": np.array(sink_logits)}, out, merged["grid"], merged["threadgroup"], ENV)
+    merged = merge_config(mx.array(o_part), dtype)
+    out = {"out": numpy_of(mx.full(merged["output_shapes"][0], mx.nan, dtype=dtype))}  # poisoned
+    second = run(build(capture_msl(pass2, mx.array(o_part), mx.array(ml_part), sink_logits), sanitizer),
+                 {"o_part": o_part, "ml_part": ml_part, "sinks": np.array(sink_logits)}, out,
+                 merged["grid"], merged["threadgroup"], ENV)
     result = mx.array(out["out"])
-    result = result.view(mx.bfloat16) if q.dtype == mx.bfloat16 else result
-    return first, second, partials["o_part"], partials["ml_part"], np.array(result.astype(mx.float32)), config
+    result = result.view(mx.bfloat16) if dtype == mx.bfloat16 else result
+    return second, np.array(result.astype(mx.float32))
 
 
 def check(case, dtype, partitions=None, window=None, softcap=None, sinks=None, **kw):
@@ -360,3 +365,34 @@ def test_sanitizers_are_clean(sanitizer, group, head_dim, block_size):
     rng = np.random.default_rng([group, head_dim, block_size, 7])
     case = make_case(rng, group, head_dim, block_size, [1, block_size + 1, 70, 0, 300], mx.float32)
     check(case, mx.float32, sanitizer=sanitizer)
+
+
+@pytest.mark.parametrize("dtype", [mx.float32, mx.float16], ids=["fp32", "fp16"])
+def test_cascade_through_both_kernels_equals_the_whole_tables(dtype):
+    """Cascade attention as it runs on a Mac: each row's own blocks through pass 1 (its table past
+    the shared blocks), the shared blocks as one MLX partial, all merged by pass 2 with sinks;
+    against the float64 reference over the rows' whole tables. The planted fault, a shared part
+    one token short, is caught."""
+    from test_cascade_attention import cascade_case
+
+    from metal_kernels.cascade import shared_prefix_partials
+
+    rng = np.random.default_rng(7)
+    whole, (table, shared_lens, suffix_tables, suffix_lens) = cascade_case(
+        rng, [97, 65, 300, 0, 81, 140], {0, 1, 4, 5}, 4, num_kv_heads=2, group=4)
+    whole = tuple(a.astype(dtype) if a.dtype == mx.float32 else a for a in whole)
+    q, k_pool, v_pool, tables, context_lens = whole
+    scale, sinks = q.shape[-1] ** -0.5, mx.array(rng.standard_normal(q.shape[1]).astype(np.float32))
+    own_case = (q, k_pool, v_pool, suffix_tables, suffix_lens)
+    first, _, o_own, ml_own, _, _ = emulate(own_case, scale, partitions=2)
+    assert first.returncode == 0, first.stderr[-3000:]
+    expected = reference(*whole, scale, sinks=sinks)
+    for lens, fault in ((shared_lens, False), (shared_lens - 1, True)):
+        o_shared, ml_shared = shared_prefix_partials(q, k_pool, v_pool, table, lens, scale)
+        second, out = emulate_merge(np.concatenate([np.array(o_shared), o_own], axis=2),
+                                    np.concatenate([np.array(ml_shared), ml_own], axis=2), dtype, sinks)
+        assert second.returncode == 0, second.stderr[-3000:]
+        gap = np.abs(out - expected).max()
+        # The shared part's scores come from an MLX matmul in the model's dtype (the kernel keeps
+        # fp32): fp16 rounds them, so the kernel self-check's tolerance applies, not pass 1's.
+        assert gap > 1e-2 if fault else gap < SELF_CHECK_TOLERANCE[dtype], gap

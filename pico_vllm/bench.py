@@ -21,7 +21,9 @@ bench shape, scaled to a laptop), ``shared-prefix`` (requests sharing a long sys
 taken from this package's own source: outputs that copy their input, where drafts pay; the
 single-stream case is ``--max-num-seqs 1``), ``online`` (Poisson arrivals in real time through ``LLMEngine``,
 reporting vLLM's ``bench serve`` metrics — TTFT, TPOT, ITL — over a sweep of rates; the
-pico-vllm engines only), ``steps`` (a decode step at batch 1 and 8 and a 512-token prefill,
+pico-vllm engines only), ``online-shared`` (the same with ``shared-prefix``'s requests: every
+arrival shares a system prompt; not in the default selection), ``steps`` (a decode step at
+batch 1 and 8 and a 512-token prefill,
 timed on each pico-vllm engine in turn, repeated: the model code's own speed) and
 ``structured`` (a decode step at batch 8 with 0, 4 and 8 rows held to a grammar, and the first
 token's delay for a new schema, a compiled one and none); the last two are not in the default
@@ -43,12 +45,15 @@ import numpy as np
 
 ENGINES = ("pico-vllm", "pico-vllm eager", "pico-vllm spec", "pico-vllm no-cascade", "pico-vllm mlx-lm",
            "mlx-lm batch", "mlx-lm sequential")
-WORKLOADS = ("mixed", "shared-prefix", "single", "repetitive", "online", "steps", "structured")
+WORKLOADS = ("mixed", "shared-prefix", "single", "repetitive", "online", "online-shared", "steps",
+             "structured")
 # What a bare `pico-vllm bench` (and `make run`) runs: the comparisons with mlx-lm.
 DEFAULT_ENGINES = ("pico-vllm", "pico-vllm eager", "pico-vllm spec", "mlx-lm batch", "mlx-lm sequential")
 DEFAULT_WORKLOADS = ("mixed", "shared-prefix", "single", "repetitive", "online")
 SPECULATIVE_DEFAULT = {"method": "ngram", "num_speculative_tokens": 8}  # the spec engine's default
-PICO_ONLY = ("online", "steps", "structured")  # workloads that run on the pico-vllm engines only
+# The online workloads: the requests of an offline one, arriving at Poisson times.
+ONLINE = {"online": "mixed", "online-shared": "shared-prefix"}
+PICO_ONLY = (*ONLINE, "steps", "structured")  # workloads that run on the pico-vllm engines only
 
 
 @dataclass
@@ -173,16 +178,16 @@ def format_table(results: list[Result], facts: dict) -> str:
             e = r.extra
             lines.append(f"{r.workload:<14} {r.engine:<18} {e['kept']}/{e['drafted']} = "
                          f"{e['kept'] / e['drafted']:.0%}, {e['kept'] / e['verified_runs']:.2f} per run")
-    online = [r for r in results if r.workload == "online"]
+    online = [r for r in results if r.workload in ONLINE]
     if online:
         lines += [""] if lines else []
         lines.append(f"{'online engine':<16} {'rate/s':>6} {'tok/s':>8} {'TTFT p50':>9} {'p99':>7} "
-                     f"{'TPOT p50':>9} {'p99':>7} {'ITL p50':>8} {'p99':>7}  (seconds)")
+                     f"{'TPOT p50':>9} {'p99':>7} {'ITL p50':>8} {'p99':>7}  (seconds)  workload")
         for r in online:
             m = r.extra
             lines.append(f"{r.engine:<16} {m['rate']:>6.2f} {r.tokens_per_second:>8.1f} "
                          f"{m['ttft_p50']:>9.3f} {m['ttft_p99']:>7.3f} {m['tpot_p50']:>9.3f} "
-                         f"{m['tpot_p99']:>7.3f} {m['itl_p50']:>8.3f} {m['itl_p99']:>7.3f}")
+                         f"{m['tpot_p99']:>7.3f} {m['itl_p50']:>8.3f} {m['itl_p99']:>7.3f}  {r.workload}")
     steps = [r for r in results if r.workload == "steps"]
     if steps:
         lines += [""] if lines else []
@@ -250,15 +255,15 @@ def save(results: list[Result], facts: dict, folder: Path) -> list[Path]:
         paths.append(folder / "throughput.png")
         fig.savefig(paths[-1], dpi=100)
         plt.close(fig)
-    online = [r for r in results if r.workload == "online"]
+    online = [r for r in results if r.workload in ONLINE]
     if online:
         fig, ax = plt.subplots(figsize=(6, 4))
-        engines = list(dict.fromkeys(r.engine for r in online))
-        for engine in engines:
-            rows = [r for r in online if r.engine == engine]
+        series = list(dict.fromkeys((r.engine, r.workload) for r in online))
+        for engine, workload in series:
+            rows = [r for r in online if (r.engine, r.workload) == (engine, workload)]
             for key, label in (("ttft_p50", "TTFT p50"), ("ttft_p99", "TTFT p99"),
                                ("itl_p50", "ITL p50"), ("itl_p99", "ITL p99")):
-                name = label if len(engines) == 1 else f"{engine}: {label}"
+                name = label if len(series) == 1 else f"{engine} {workload}: {label}"
                 ax.plot([r.extra["rate"] for r in rows], [r.extra[key] for r in rows], marker="o",
                         label=name)
         ax.set_xlabel("request rate (requests / s)")

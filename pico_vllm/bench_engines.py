@@ -13,6 +13,7 @@ from mlx.utils import tree_flatten
 from tqdm import tqdm
 
 from pico_vllm.bench import (
+    ONLINE,
     PICO_ONLY,
     SPECULATIVE_DEFAULT,
     STEP_KEYS,
@@ -262,15 +263,16 @@ def benchmark(
         drafted, kept, runs = np.subtract(_draft_counts(pico.get(engine)), drafts_before).tolist()
         extra = {"drafted": drafted, "kept": kept, "verified_runs": runs} if drafted else {}
         results.append(Result(workload_name, engine, seconds, workload.prompt_tokens, produced, extra))
-    online_engines = pico_names if "online" in workloads else []
-    online_jobs = [(e, rate) for e in online_engines for rate in rates]
-    workload = make_workload("mixed", vocab, quick, seed=1)
-    for engine in online_engines:
-        runners[engine](workload)  # warm, as above: otherwise the first rate pays for it
-    for engine, rate in tqdm(online_jobs, desc="online", disable=not progress or not online_jobs):
+    online = {name: make_workload(ONLINE[name], vocab, quick, seed=1) for name in ONLINE if name in workloads}
+    online_jobs = [(name, e, rate) for name in online for e in pico_names for rate in rates]
+    for workload in online.values():
+        for engine in pico_names:
+            runners[engine](workload)  # warm, as above: otherwise the first rate pays for it
+    for name, engine, rate in tqdm(online_jobs, desc="online", disable=not progress or not online_jobs):
+        workload = online[name]
         pico[engine].reset_prefix_cache()  # each rate computes its prompts; none reuses another's
         metrics = run_online(pico[engine], workload, rate)
-        results.append(Result("online", engine, metrics.pop("seconds"),
+        results.append(Result(name, engine, metrics.pop("seconds"),
                               workload.prompt_tokens, workload.output_tokens, metrics))
     if "structured" in workloads:
         for name in pico_names:

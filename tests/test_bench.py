@@ -82,6 +82,30 @@ def test_an_online_only_run_warms_up_and_measures_each_rate_from_a_cold_prefix_c
     assert first_hits == second_hits == 0  # the second rate did not reuse the first one's prefixes
 
 
+def test_online_shared_sends_shared_prefix_requests_which_run_cascade_attention(
+        random_model, tmp_path, capsys, monkeypatch):
+    from pico_vllm import bench_engines
+
+    engines = []
+    real_run_online = bench_engines.run_online
+
+    def run_online(engine, workload, rate):
+        engines.append((engine, workload))
+        return real_run_online(engine, workload, rate)
+
+    monkeypatch.setattr(bench_engines, "run_online", run_online)
+    model = random_model("llama", head_dim=32, vocab_size=512)
+    code = cli_main(["bench", "--model", str(model), "--quick", "--workload", "online-shared",
+                     "--engine", "pico-vllm", "--rates", "50", "--output", str(tmp_path)])
+    assert code == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("pico-vllm")]
+    assert len(rows) == 1 and rows[0].endswith("online-shared")
+    ((engine, workload),) = engines
+    prefix = workload.requests[0][0][:128]  # quick shared-prefix: 128 shared tokens
+    assert all(prompt[:128] == prefix for prompt, _ in workload.requests)
+    assert engine.stats.cascade_steps > 0
+
+
 def test_bench_rejects_an_online_run_without_a_pico_vllm_engine(capsys):
     assert cli_main(["bench", "--workload", "online", "--engine", "mlx-lm batch"]) == 2
     assert "the online workload runs on the pico-vllm engines only" in capsys.readouterr().err

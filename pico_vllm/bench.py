@@ -159,7 +159,7 @@ def format_table(results: list[Result], facts: dict) -> str:
     lines = []
     offline = [r for r in results if r.workload not in PICO_ONLY]
     if offline:
-        lines.append(f"{'workload':<14} {'engine':<18} {'tok/s':>8} {'vs batch':>9} {'vs seq':>7} "
+        lines.append(f"{'workload':<14} {'engine':<20} {'tok/s':>8} {'vs batch':>9} {'vs seq':>7} "
                      f"{'% peak':>7} {'seconds':>8}")
     for r in offline:
         ratios = []
@@ -168,7 +168,7 @@ def format_table(results: list[Result], facts: dict) -> str:
             ratios.append(f"{r.tokens_per_second / base.tokens_per_second:.2f}x" if base else "-")
         # Every prompt and output token costs ~2 FLOPs per parameter: the work actually done.
         achieved = flops_per_token * (r.prompt_tokens + r.output_tokens) / r.seconds
-        lines.append(f"{r.workload:<14} {r.engine:<18} {r.tokens_per_second:>8.1f} {ratios[0]:>9} "
+        lines.append(f"{r.workload:<14} {r.engine:<20} {r.tokens_per_second:>8.1f} {ratios[0]:>9} "
                      f"{ratios[1]:>7} {100 * achieved / facts['peak_matmul_flops']:>6.1f}% "
                      f"{r.seconds:>8.2f}")
     drafting = [r for r in offline if r.extra.get("drafted")]
@@ -181,11 +181,11 @@ def format_table(results: list[Result], facts: dict) -> str:
     online = [r for r in results if r.workload in ONLINE]
     if online:
         lines += [""] if lines else []
-        lines.append(f"{'online engine':<16} {'rate/s':>6} {'tok/s':>8} {'TTFT p50':>9} {'p99':>7} "
+        lines.append(f"{'online engine':<20} {'rate/s':>6} {'tok/s':>8} {'TTFT p50':>9} {'p99':>7} "
                      f"{'TPOT p50':>9} {'p99':>7} {'ITL p50':>8} {'p99':>7}  (seconds)  workload")
         for r in online:
             m = r.extra
-            lines.append(f"{r.engine:<16} {m['rate']:>6.2f} {r.tokens_per_second:>8.1f} "
+            lines.append(f"{r.engine:<20} {m['rate']:>6.2f} {r.tokens_per_second:>8.1f} "
                          f"{m['ttft_p50']:>9.3f} {m['ttft_p99']:>7.3f} {m['tpot_p50']:>9.3f} "
                          f"{m['tpot_p99']:>7.3f} {m['itl_p50']:>8.3f} {m['itl_p99']:>7.3f}  {r.workload}")
     steps = [r for r in results if r.workload == "steps"]

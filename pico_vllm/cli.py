@@ -40,7 +40,7 @@ TOOL_CALL_PARSERS = ("hermes", "llama3_json", "mistral", "qwen3_coder", "openai"
 # Engine fields the CLI does not expose as flags: --model is its own flag; --seed seeds requests.
 _NOT_FLAGS = {"model", "seed"}
 _CHOICES = {"dtype": ["auto", "float32", "float16", "bfloat16"], "block_size": [8, 16, 32],
-            "capture_graphs": ["lazy", "eager"], "model_impl": ["auto", "pico-vllm", "mlx-lm"]}
+            "capture_graphs": ["off", "lazy", "startup"], "model_impl": ["auto", "pico-vllm", "mlx-lm"]}
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):

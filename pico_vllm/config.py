@@ -31,10 +31,11 @@ class EngineConfig:
         max_num_batched_tokens: token budget of one step (decode tokens + prefill chunks).
         max_model_len: longest prompt + output; ``None`` takes the model's own limit.
         enable_prefix_caching: reuse KV blocks of identical prompt prefixes.
-        enforce_eager: run every step eagerly; otherwise decode-only steps run through graphs
-            captured with ``mx.compile``, one per (batch, block-table width) bucket.
-        capture_graphs: ``"lazy"`` traces a bucket's graph on its first step; ``"eager"``
-            traces all of them when the engine starts (as vLLM captures CUDA graphs).
+        capture_graphs: decode-only steps run through graphs captured with ``mx.compile``,
+            one per (batch, block-table width) bucket: ``"lazy"`` traces a bucket's graph on its
+            first step, ``"startup"`` traces all of them when the engine starts (as vLLM
+            captures CUDA graphs); ``"off"`` runs every step eagerly.
+        enforce_eager: vLLM's name for ``capture_graphs="off"``.
         disable_cascade_attn: never use cascade attention (vLLM's name). Otherwise decode
             steps in which several sequences share leading KV blocks read those blocks once for
             all of them (exact; see ``metal_kernels.cascade_attention``).
@@ -84,8 +85,17 @@ class EngineConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
-        if self.capture_graphs not in ("lazy", "eager"):
-            raise ValueError(f"capture_graphs must be 'lazy' or 'eager', got {self.capture_graphs!r}")
+        if self.capture_graphs not in ("off", "lazy", "startup"):
+            raise ValueError(
+                f"capture_graphs must be 'off', 'lazy' or 'startup', got {self.capture_graphs!r}"
+            )
+        if self.enforce_eager:  # vLLM's spelling of "off": one setting, not two that can disagree
+            if self.capture_graphs == "startup":
+                raise ValueError(
+                    "enforce_eager=True captures no graphs: it contradicts capture_graphs='startup'"
+                )
+            self.capture_graphs = "off"
+        self.enforce_eager = self.capture_graphs == "off"
         if self.tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
         if self.max_num_seqs < 1:

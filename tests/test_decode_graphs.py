@@ -42,7 +42,7 @@ def test_a_bucket_is_captured_once_and_reused(random_model):
 
 def test_eager_capture_traces_every_bucket_at_start(random_model):
     engine = LLMEngine(EngineConfig(model=str(random_model("llama", head_dim=32)), num_blocks=64,
-                                    max_num_seqs=4, max_model_len=64, capture_graphs="eager"))
+                                    max_num_seqs=4, max_model_len=64, capture_graphs="startup"))
     graphs = engine.runner.graphs
     assert graphs.captures == len(graphs.all_buckets()) == 3 * 4  # batch 1,2,4 x width 1,2,3,4
     engine.add_request([5, 6, 7], GREEDY)

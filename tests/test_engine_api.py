@@ -213,6 +213,16 @@ def test_logprobs_are_returned_per_token(llm):
 def test_engine_config_validation():
     with pytest.raises(ValueError, match="block_size must be 8, 16 or 32, got 12"):
         EngineConfig(block_size=12)
+    with pytest.raises(ValueError, match="capture_graphs must be 'off', 'lazy' or 'startup', got 'eager'"):
+        EngineConfig(capture_graphs="eager")
+    with pytest.raises(ValueError, match="contradicts capture_graphs='startup'"):
+        EngineConfig(enforce_eager=True, capture_graphs="startup")
+
+
+def test_enforce_eager_is_vllms_name_for_capture_graphs_off():
+    assert EngineConfig(enforce_eager=True).capture_graphs == "off"
+    assert EngineConfig(capture_graphs="off").enforce_eager
+    assert not EngineConfig(capture_graphs="startup").enforce_eager
 
 
 def test_generate_shows_a_progress_bar_unless_told_not_to(llm, capsys):

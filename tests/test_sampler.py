@@ -7,12 +7,16 @@ import numpy as np
 import pytest
 
 from pico_vllm.engine.sequence import Sequence
-from pico_vllm.layers.sampler import Sampler, _top_k_top_p
+from pico_vllm.layers.sampler import Sampler, SamplerOutput, _top_k_top_p
 from pico_vllm.sampling_params import SamplingParams
 
 V = 16
 EOS = 1
 
+
+def draw(sampler: Sampler, logits: mx.array, requests: list) -> SamplerOutput:
+    """One sampling step, read back."""
+    return sampler.sample(logits, requests).resolve()
 
 def seq(output: tuple[int, ...] = (), prompt: tuple[int, ...] = (3, 4), **params) -> Sequence:
     """A request as the engine hands it to the sampler, ``output`` already generated."""
@@ -32,15 +36,15 @@ def softmax(x: np.ndarray) -> np.ndarray:
 
 def draws(x: mx.array, n: int, seed: int = 0, **params) -> list[int]:
     """``n`` independent samples from the one-row ``x``, drawn as one batch."""
-    return Sampler({EOS}, seed=seed)(mx.repeat(x, n, axis=0), [seq(**params)] * n).token_ids
+    return draw(Sampler({EOS}, seed=seed), mx.repeat(x, n, axis=0), [seq(**params)] * n).token_ids
 
 
 def test_greedy_is_bit_exact_argmax_even_with_logprobs():
     x = logits(4)
     argmax = np.argmax(np.array(x), axis=-1).tolist()
-    out = Sampler({EOS})(x, [seq(temperature=0)] * 4)
+    out = draw(Sampler({EOS}), x, [seq(temperature=0)] * 4)
     assert out.token_ids == argmax and out.logprobs is None and out.top_logprobs == [None] * 4
-    assert Sampler({EOS})(x, [seq(temperature=0, logprobs=2)] * 4).token_ids == argmax
+    assert draw(Sampler({EOS}), x, [seq(temperature=0, logprobs=2)] * 4).token_ids == argmax
 
 
 def allowed(x: np.ndarray, temperature: float, top_k=0, top_p=1.0, min_p=0.0) -> set[int]:
@@ -83,7 +87,7 @@ def test_top_p_is_measured_after_top_k():
     p = np.array([0.4, 0.3] + [0.3 / (V - 2)] * (V - 2))
     x = mx.repeat(mx.array(np.log(p).astype(np.float32)[None]), 400, axis=0)
     # One batch, so the top-p-only rows make the sampler look at the whole vocab for all rows.
-    out = Sampler({EOS})(x, [seq(top_p=0.55)] * 200 + [seq(top_k=2, top_p=0.55)] * 200).token_ids
+    out = draw(Sampler({EOS}), x, [seq(top_p=0.55)] * 200 + [seq(top_k=2, top_p=0.55)] * 200).token_ids
     assert set(out[:200]) == {0, 1}
     assert set(out[200:]) == {0}
 
@@ -120,7 +124,7 @@ def test_penalties_match_numpy():
 def test_penalties_steer_greedy():
     x = mx.array([[0.0, 0.0, 5.0, 4.0] + [-9.0] * (V - 4)])
     def greedy(**penalty) -> int:
-        return Sampler({EOS})(x, [seq(prompt=(0,), output=(2,), temperature=0, **penalty)]).token_ids[0]
+        return draw(Sampler({EOS}), x, [seq(prompt=(0,), output=(2,), temperature=0, **penalty)]).token_ids[0]
 
     assert greedy() == 2
     assert greedy(repetition_penalty=1.3) == 3  # 5 / 1.3 < 4
@@ -133,9 +137,9 @@ def test_min_tokens_blocks_eos_and_stop_tokens():
     x[0, EOS], x[0, 7], x[0, 8] = 10.0, 9.0, 8.0
     sampler = Sampler({EOS})
     params = dict(temperature=0, min_tokens=2, stop_token_ids=[7, V + 5])  # V + 5: never drawable
-    assert sampler(x, [seq(output=(5,), **params)]).token_ids == [8]
-    assert sampler(x, [seq(output=(5,), ignore_eos=True, **params)]).token_ids == [EOS]
-    assert sampler(x, [seq(output=(5, 6), **params)]).token_ids == [EOS]
+    assert draw(sampler, x, [seq(output=(5,), **params)]).token_ids == [8]
+    assert draw(sampler, x, [seq(output=(5,), ignore_eos=True, **params)]).token_ids == [EOS]
+    assert draw(sampler, x, [seq(output=(5, 6), **params)]).token_ids == [EOS]
     sampled = draws(x, 100, temperature=1.0, min_tokens=1, stop_token_ids=[7])
     assert EOS not in sampled and 7 not in sampled
 
@@ -143,10 +147,10 @@ def test_min_tokens_blocks_eos_and_stop_tokens():
 def test_seeded_rows_ignore_the_batch_and_its_order():
     x = logits(3, seed=9)
     seeded = seq(temperature=1.0, seed=42)
-    alone = {Sampler({EOS}, seed=s)(x[1:2], [seeded]).token_ids[0] for s in range(8)}
+    alone = {draw(Sampler({EOS}, seed=s), x[1:2], [seeded]).token_ids[0] for s in range(8)}
     others = [seq(temperature=1.0), seq(temperature=0)]
-    mixed = Sampler({EOS}, seed=99)(x, [others[0], seeded, others[1]]).token_ids[1]
-    reordered = Sampler({EOS}, seed=7)(x[mx.array([1, 2, 0])], [seeded, others[1], others[0]])
+    mixed = draw(Sampler({EOS}, seed=99), x, [others[0], seeded, others[1]]).token_ids[1]
+    reordered = draw(Sampler({EOS}, seed=7), x[mx.array([1, 2, 0])], [seeded, others[1], others[0]])
     assert alone == {mixed} == {reordered.token_ids[0]}
 
 
@@ -158,7 +162,7 @@ def test_seeded_request_reproduces_whatever_the_step_batching():
         request = seq(temperature=5.0, seed=7)
         for n in companions:
             rows = [request] + [seq(temperature=1.0)] * n
-            request.token_ids.append(sampler(mx.repeat(x, len(rows), axis=0), rows).token_ids[0])
+            request.token_ids.append(draw(sampler, mx.repeat(x, len(rows), axis=0), rows).token_ids[0])
         return request.output_token_ids
 
     first = generate(Sampler({EOS}, seed=0), [0, 0, 0, 0, 0, 0])
@@ -169,7 +173,7 @@ def test_seeded_request_reproduces_whatever_the_step_batching():
 def test_different_seeds_draw_differently():
     x = logits(1, seed=14)
     assert draws(x, 64, seed=0) != draws(x, 64, seed=1)
-    by_seed = [Sampler({EOS})(x, [seq(seed=s)]).token_ids[0] for s in range(32)]
+    by_seed = [draw(Sampler({EOS}), x, [seq(seed=s)]).token_ids[0] for s in range(32)]
     assert len(set(by_seed)) > 1
 
 
@@ -178,9 +182,9 @@ def test_mixed_batch_rows_follow_their_own_params():
     raw = np.array(x)
     rows = [seq(temperature=0), seq(temperature=1.0, top_k=1), seq(temperature=2.0, seed=5),
             seq(prompt=(int(raw[3].argmax()),), temperature=0, repetition_penalty=100.0)]
-    out = Sampler({EOS}, seed=0)(x, rows)
+    out = draw(Sampler({EOS}, seed=0), x, rows)
     assert out.token_ids[:2] == raw[:2].argmax(-1).tolist()
-    assert out.token_ids[2] == Sampler({EOS}, seed=1)(x[2:3], [rows[2]]).token_ids[0]
+    assert out.token_ids[2] == draw(Sampler({EOS}, seed=1), x[2:3], [rows[2]]).token_ids[0]
     assert out.token_ids[3] == int(np.argsort(-raw[3])[1])  # the penalty sank the best token
 
 
@@ -188,7 +192,7 @@ def test_logprobs_are_the_raw_log_softmax():
     x = logits(3, seed=12)
     rows = [seq(temperature=0.5, repetition_penalty=1.5, output=(2,), logprobs=3),
             seq(temperature=0), seq(temperature=1.0, logprobs=0)]
-    out = Sampler({EOS})(x, rows)
+    out = draw(Sampler({EOS}), x, rows)
     raw = np.array(x, np.float64)
     lsm = raw - np.log(np.exp(raw).sum(-1, keepdims=True))
     np.testing.assert_allclose(out.logprobs, lsm[[0, 1, 2], out.token_ids], atol=1e-5)
@@ -201,4 +205,4 @@ def test_logprobs_are_the_raw_log_softmax():
 def test_logits_must_match_the_batch():
     message = r"logits must have shape \[len\(requests\)=2, vocab\], got \(3, 16\)"
     with pytest.raises(ValueError, match=message):
-        Sampler({EOS})(logits(3), [seq(), seq()])
+        draw(Sampler({EOS}), logits(3), [seq(), seq()])

@@ -34,7 +34,7 @@ def step(s: Scheduler, token: int = 7):
         s.tokens_known(seq, seq.num_tokens - 1, [token])
     for seq, _ in out.scheduled:
         if seq.num_output_tokens >= seq.params.max_tokens:
-            s.finish(seq, "length")
+            s.finish(seq)
     return out
 
 
@@ -117,7 +117,7 @@ def test_recompute_after_preemption_hits_the_prefix_cache():
     s.add_sequence(b)
     for _ in range(3):
         step(s)  # b is preempted in the third step
-    s.finish(a, "abort")
+    s.finish(a)
     out = step(s)
     assert out.scheduled[0][0] is b
     # b's tail block was recycled for a's third block; its head came back from the cache.

@@ -49,6 +49,11 @@ class Block:
     group: int = 0  # the layer group whose K/V the block holds while cached
 
 
+def blocks_for(num_tokens: int, block_size: int) -> int:
+    """How many blocks of ``block_size`` slots hold ``num_tokens`` tokens."""
+    return -(-num_tokens // block_size)
+
+
 def block_digest(parent: bytes | None, token_ids: tuple[int, ...]) -> bytes:
     """SHA-256 over the parent block's digest and this block's token ids (as int64 bytes)."""
     return hashlib.sha256((parent or b"") + np.asarray(token_ids, np.int64).tobytes()).digest()
@@ -80,7 +85,7 @@ class BlockManager:
         total = 0
         for window in self.windows:
             span = num_tokens if window is None else min(num_tokens, window + chunk)
-            total += min(-(-num_tokens // self.block_size), -(-span // self.block_size) + 1)
+            total += min(blocks_for(num_tokens, self.block_size), blocks_for(span, self.block_size) + 1)
         return total
 
     def share_cached_prefix(self, seq: Sequence) -> None:
@@ -118,7 +123,7 @@ class BlockManager:
             assert not any(seq.block_tables)
             seq.block_tables = [[] for _ in self.windows]
         self._release_passed_blocks(seq)
-        size = -(-num_tokens // self.block_size)
+        size = blocks_for(num_tokens, self.block_size)
         needed = sum(max(0, size - len(table)) for table in seq.block_tables)
         if needed > self.num_free_blocks:
             return False

@@ -57,7 +57,7 @@ class DraftModelProposer(DraftProposer):
         if draft.tokenizer.get_vocab() != target.tokenizer.get_vocab():
             raise ValueError(f"speculative_config: the draft model {config.model!r} has another "
                              "vocabulary than the target; drafts must be the target's tokens")
-        runner = ModelRunner(draft.model, replace(engine, num_blocks=num_blocks, enforce_eager=True),
+        runner = ModelRunner(draft.model, replace(engine, num_blocks=num_blocks, capture_graphs="off"),
                              Sampler(set()), draft.dtype, engine.max_model_len)
         if num_groups > 1 or len(runner.cache.layout.windows) > 1:
             raise ValueError("speculative_config: a draft model needs a target and a draft whose "

@@ -117,7 +117,7 @@ class LLMEngine:
         # Drafting reads the newest token on the host: with speculation, steps are synchronous
         # (and with a prediction, the steps that carry it).
         self._async = config.async_scheduling and speculative is None
-        if config.capture_graphs == "eager" and self.runner.graphs is not None:
+        if config.capture_graphs == "startup" and self.runner.graphs is not None:
             from tqdm import tqdm
 
             self.runner.capture_all(lambda buckets: tqdm(buckets, desc="capturing decode graphs"))
@@ -253,7 +253,7 @@ class LLMEngine:
             request = self._requests[seq.request_id]
             if seq in pending.failed:
                 del self._requests[seq.request_id]
-                self.scheduler.finish(seq, "error")
+                self.scheduler.finish(seq)
                 position = index + 1 - seq.num_prompt_tokens
                 error = f"the model's logits were not numbers (NaN or inf) at output token {position}"
                 outputs.append(replace(self._output(request, "error", request.emitted_tokens), error=error))
@@ -279,7 +279,7 @@ class LLMEngine:
             seq.num_draft_tokens += drafted
             seq.num_accepted_draft_tokens += verified
             if reason is not None:
-                self.scheduler.finish(seq, reason)
+                self.scheduler.finish(seq)
                 self.stats.cached_prompt_tokens += seq.num_cached_tokens
                 del self._requests[seq.request_id]
             outputs.append(self._output(request, reason, num_output))

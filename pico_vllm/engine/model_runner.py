@@ -25,6 +25,7 @@ import numpy as np
 from metal_kernels import metal_available
 from metal_kernels import prepare as prepare_paged_attention
 from pico_vllm.config import CPU_KV_CACHE_BYTES, EngineConfig
+from pico_vllm.engine.block_manager import blocks_for
 from pico_vllm.engine.cascade import plan_shared_prefix
 from pico_vllm.engine.decode_graphs import DecodeGraphs
 from pico_vllm.engine.scheduler import SchedulerOutput
@@ -148,13 +149,13 @@ class ModelRunner:
         self.cache = KVCache(spec, self.num_blocks, config.block_size, dtype)
         # On a Mac: self-check the decode kernel's instance now, before any graph is traced.
         prepare_paged_attention(dtype, spec.num_q_heads, spec.num_kv_heads, spec.head_dim, config.block_size)
-        max_blocks = min(-(-max_model_len // config.block_size), self.num_blocks)
+        max_blocks = min(blocks_for(max_model_len, config.block_size), self.num_blocks)
         # Cascade attention for decode rows sharing leading blocks, where every layer attends over
         # its whole context (a sliding window's start moves with each row).
         self.cascade = not config.disable_cascade_attn and all(w is None for w in self.cache.layout.windows)
         self.cascade_steps = 0  # steps that ran cascade attention
         self.graphs = None
-        if not config.enforce_eager and model.supports_graphs:
+        if config.capture_graphs != "off" and model.supports_graphs:
             self.graphs = DecodeGraphs(
                 self._decode_step, self.cache.state, config.max_num_seqs, max_blocks
             )
@@ -222,7 +223,7 @@ class ModelRunner:
         self, batch: list[tuple[Sequence, int]], previous: PendingStep | None
     ) -> tuple[mx.array, mx.array]:
         """A decode-only step: through its captured graph, or eagerly without padding."""
-        width = max(-(-(seq.num_computed_tokens + 1) // self.block_size) for seq, _ in batch)
+        width = max(blocks_for(seq.num_computed_tokens + 1, self.block_size) for seq, _ in batch)
         rows, padded_width = len(batch), width
         if self.graphs is not None:
             rows, padded_width = self.graphs.bucket(len(batch), width)
@@ -326,7 +327,7 @@ class ModelRunner:
             first = seq.num_computed_tokens
             positions = np.arange(first, first + n, dtype=np.int32)
             context_len = first + n
-            table = self._tables(seq, -(-context_len // bs))
+            table = self._tables(seq, blocks_for(context_len, bs))
             tokens = seq.token_ids[first : first + n] + drafts.get(seq, [])
             ids.append(np.asarray(tokens[:n], dtype=np.int32))
             pos.append(positions)

@@ -162,7 +162,7 @@ class Scheduler:
             seq.append_token(token_id)
         self.block_manager.cache_full_blocks(seq)
 
-    def finish(self, seq: Sequence, reason: str) -> None:
+    def finish(self, seq: Sequence) -> None:
         """Retire ``seq``; its blocks are freed (full cached ones stay reusable)."""
         if seq in self.running:
             self.running.remove(seq)
@@ -170,13 +170,12 @@ class Scheduler:
             self.waiting.remove(seq)
         self.block_manager.free(seq)  # num_cached_tokens stays: it is reported in the output
         seq.status = SequenceStatus.FINISHED
-        seq.finish_reason = reason
 
     def abort(self, request_id: str) -> bool:
         """Finish the live request ``request_id`` as "abort"; False if there is none."""
         for seq in (*self.running, *self.waiting):
             if seq.request_id == request_id:
-                self.finish(seq, "abort")
+                self.finish(seq)
                 return True
         return False
 

@@ -65,7 +65,6 @@ class Sequence(OutputTokens):
         # what the prefix cache files a block under, whichever group's block it is.
         self.block_hashes: list[bytes] = []
         self.status = SequenceStatus.WAITING
-        self.finish_reason: str | None = None
         # An llguidance matcher following the output, for a request with structured outputs.
         self.grammar = None
         # Speculative decoding: the client's predicted output tokens (a draft source), drafts

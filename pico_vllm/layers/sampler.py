@@ -79,10 +79,6 @@ class Sampler:
         self.eos_token_ids = sorted(eos_token_ids)
         self._key = mx.random.key(seed)  # the generator of requests without a seed
 
-    def __call__(self, logits: mx.array, requests: Sequence[SamplingRequest]) -> SamplerOutput:
-        """Sample and read the result back to the host (``sample(...).resolve()``)."""
-        return self.sample(logits, requests).resolve()
-
     def sample(self, logits: mx.array, requests: Sequence[SamplingRequest]) -> PendingSamples:
         """Build the sampling graph; nothing is evaluated until ``resolve``."""
         if logits.ndim != 2 or logits.shape[0] != len(requests):

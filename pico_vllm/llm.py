@@ -32,6 +32,11 @@ class LLM:
         """The model's tokenizer (mlx-lm ``TokenizerWrapper``)."""
         return self.engine.tokenizer
 
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached prefix block (vLLM's ``LLM.reset_prefix_cache``): the next prompts
+        compute their KV again, as on a fresh engine (a benchmark's cold start)."""
+        self.engine.reset_prefix_cache()
+
     def generate(
         self, prompts: Prompts, sampling_params: Params = None, use_tqdm: bool = True
     ) -> list[RequestOutput]:

@@ -8,6 +8,7 @@ import pytest
 from model_factory import make_random_model
 
 from pico_vllm import LLM, EngineConfig, LLMEngine, SamplingParams
+from pico_vllm.engine.llm_engine import SchedulerStats
 
 GREEDY = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
 
@@ -230,3 +231,23 @@ def test_generate_shows_a_progress_bar_unless_told_not_to(llm, capsys):
     assert "Processed prompts" in capsys.readouterr().err
     llm.generate([[1, 2], [3, 4]], GREEDY, use_tqdm=False)
     assert "Processed prompts" not in capsys.readouterr().err
+
+
+def test_reset_prefix_cache_makes_the_next_prompt_compute_its_blocks_again(llm):
+    prompt = list(range(10, 60))  # 3 whole blocks of 16
+    llm.generate([prompt], GREEDY, use_tqdm=False)
+    assert llm.generate([prompt], GREEDY, use_tqdm=False)[0].num_cached_tokens == 48
+    llm.reset_prefix_cache()
+    assert llm.generate([prompt], GREEDY, use_tqdm=False)[0].num_cached_tokens == 0
+
+
+def test_scheduler_stats_count_what_runs_waits_and_holds_blocks_now(model_dir):
+    engine = LLMEngine(EngineConfig(model=str(model_dir), num_blocks=16, max_num_seqs=2, max_model_len=256))
+    for i in range(3):
+        engine.add_request(list(range(10 + i, 50 + i)), GREEDY)  # 40 tokens: 3 blocks each
+    assert engine.scheduler_stats() == SchedulerStats(0, 3, 16, 0)
+    engine.step()
+    stats = engine.scheduler_stats()
+    assert (stats.num_running, stats.num_waiting, stats.num_blocks_used) == (2, 1, 6)
+    finish_all(engine)
+    assert engine.scheduler_stats() == SchedulerStats(0, 0, 16, 0)

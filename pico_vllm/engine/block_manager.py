@@ -79,6 +79,17 @@ class BlockManager:
         """Blocks an allocation can take: free plus evictable."""
         return len(self._free) + len(self._evictable)
 
+    @property
+    def evictable_blocks(self) -> list[int]:
+        """Cached blocks no sequence holds, least recently used first: the order an allocation
+        takes them in once the free blocks run out."""
+        return list(self._evictable)
+
+    @property
+    def num_cached_blocks(self) -> int:
+        """Blocks the prefix cache can hand out (held by sequences or not)."""
+        return len(self._cached)
+
     def blocks_needed(self, num_tokens: int, chunk: int) -> int:
         """The most blocks one sequence of ``num_tokens`` tokens ever holds, computed in chunks of
         up to ``chunk`` tokens: a sliding group holds its window plus the chunk being written."""

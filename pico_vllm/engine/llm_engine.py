@@ -63,6 +63,16 @@ class EngineStats:
         return self.accepted_draft_tokens / self.draft_runs if self.draft_runs else None
 
 
+@dataclass(frozen=True)
+class SchedulerStats:
+    """What the engine holds right now (vLLM's ``SchedulerStats``), for metrics."""
+
+    num_running: int  # sequences being computed
+    num_waiting: int  # sequences queued (new or preempted)
+    num_blocks: int  # KV blocks in the pool
+    num_blocks_used: int  # held by sequences (cached blocks no sequence holds count as free)
+
+
 @dataclass
 class _Request:
     seq: Sequence
@@ -176,6 +186,12 @@ class LLMEngine:
             return None
         self.scheduler.abort(request_id)
         return self._output(request, "abort", request.emitted_tokens)
+
+    def scheduler_stats(self) -> SchedulerStats:
+        """Sequences running and waiting and KV blocks in use, now."""
+        manager = self.scheduler.block_manager
+        return SchedulerStats(len(self.scheduler.running), self.scheduler.num_waiting, manager.num_blocks,
+                              manager.num_blocks - manager.num_free_blocks)
 
     def reset_prefix_cache(self) -> None:
         """Forget every cached prefix block that no request holds (vLLM's ``reset_prefix_cache``):

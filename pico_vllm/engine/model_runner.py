@@ -210,7 +210,7 @@ class ModelRunner:
         """Trace every decode bucket now (vLLM-style start-up capture); returns how many."""
         buckets = self.graphs.all_buckets() if self.graphs else []
         for batch, width in progress(buckets) if progress else buckets:
-            arrays = self._decode_arrays([], batch, width)
+            arrays = self.decode_arrays([], batch, width)
             mx.eval(self.graphs(*arrays), self.cache.state)  # all padding: only scratch is written
         return len(buckets)
 
@@ -227,7 +227,7 @@ class ModelRunner:
         rows, padded_width = len(batch), width
         if self.graphs is not None:
             rows, padded_width = self.graphs.bucket(len(batch), width)
-        arrays = self._decode_arrays(batch, rows, padded_width)
+        arrays = self.decode_arrays(batch, rows, padded_width)
         arrays[0] = self._take_placeholders(arrays[0], batch, previous)
         if self.graphs is None:
             return self._decode_step(*arrays)
@@ -265,9 +265,10 @@ class ModelRunner:
         tables = np.array([table[:num_blocks] for table in seq.block_tables], np.int32)
         return np.where(tables == NO_BLOCK, self.cache.scratch_block, tables)
 
-    def _decode_arrays(self, batch: list[tuple[Sequence, int]], rows: int, width: int) -> list[mx.array]:
+    def decode_arrays(self, batch: list[tuple[Sequence, int]], rows: int, width: int) -> list[mx.array]:
         """The decode step's arrays, padded to ``rows`` x ``width`` with harmless rows: token 0 at
-        position 0, written to the scratch block, over a context of length 0."""
+        position 0, written to the scratch block, over a context of length 0; then cascade
+        attention's four (a ``SharedPrefix``) when rows share enough blocks."""
         scratch, groups = self.cache.scratch_block, len(self.cache.layout.windows)
         ids, positions = np.zeros(rows, np.int32), np.zeros(rows, np.int32)
         slot_blocks, slot_offsets = np.full((groups, rows), scratch, np.int32), np.zeros(rows, np.int32)

@@ -42,11 +42,15 @@ class Metrics:
                              ["model"], registry=self.registry, buckets=LATENCY_BUCKETS)
         gauges = {
             "pico_vllm_requests_in_flight": ("requests queued or running", lambda e: e.num_requests),
-            "pico_vllm_requests_running": ("sequences running", lambda e: len(e.engine.scheduler.running)),
-            "pico_vllm_requests_waiting": ("sequences waiting", lambda e: e.engine.scheduler.num_waiting),
+            "pico_vllm_requests_running": ("sequences running",
+                                           lambda e: e.engine.scheduler_stats().num_running),
+            "pico_vllm_requests_waiting": ("sequences waiting",
+                                           lambda e: e.engine.scheduler_stats().num_waiting),
             "pico_vllm_kv_blocks_total": ("KV blocks in the pool",
-                                          lambda e: e.engine.scheduler.block_manager.num_blocks),
-            "pico_vllm_kv_blocks_used": ("KV blocks held by sequences", _blocks_used),
+                                          lambda e: e.engine.scheduler_stats().num_blocks),
+            "pico_vllm_kv_blocks_used": ("KV blocks held by sequences (cached ones no sequence holds "
+                                         "count as free)",
+                                         lambda e: e.engine.scheduler_stats().num_blocks_used),
             "pico_vllm_prefix_cache_hit_tokens": ("prompt tokens served by the prefix cache",
                                                   lambda e: e.engine.stats.cached_prompt_tokens),
             "pico_vllm_preemptions": ("sequences preempted", lambda e: e.engine.stats.preemptions),
@@ -105,7 +109,3 @@ class RequestRecord:
             self.metrics.requests.labels(self.model, out.finish_reason).inc()
             self.metrics.generated_tokens.labels(self.model).inc(len(out.token_ids))
 
-
-def _blocks_used(engine: AsyncEngine) -> int:
-    manager = engine.engine.scheduler.block_manager
-    return manager.num_blocks - manager.num_free_blocks  # cached-but-unused blocks count as free

@@ -46,8 +46,8 @@ class DraftModelProposer(DraftProposer):
 
     @classmethod
     def load(cls, config: SpeculativeConfig, engine: EngineConfig, target: LoadedModel,
-             num_blocks: int, num_groups: int) -> DraftModelProposer:
-        """Load ``config.model`` with a pool of ``num_blocks`` blocks beside the target's;
+             num_groups: int) -> DraftModelProposer:
+        """Load ``config.model`` with a pool of as many blocks as the target's (``engine``, resolved);
         ValueError where the pair cannot work (another vocabulary, sliding windows, tensor
         parallelism)."""
         if engine.tensor_parallel_size > 1:
@@ -57,8 +57,7 @@ class DraftModelProposer(DraftProposer):
         if draft.tokenizer.get_vocab() != target.tokenizer.get_vocab():
             raise ValueError(f"speculative_config: the draft model {config.model!r} has another "
                              "vocabulary than the target; drafts must be the target's tokens")
-        runner = ModelRunner(draft.model, replace(engine, num_blocks=num_blocks, capture_graphs="off"),
-                             Sampler(set()), draft.dtype, engine.max_model_len)
+        runner = ModelRunner(draft.model, replace(engine, capture_graphs="off"), Sampler(set()), draft.dtype)
         if num_groups > 1 or len(runner.cache.layout.windows) > 1:
             raise ValueError("speculative_config: a draft model needs a target and a draft whose "
                              "layers all attend over the whole context (no sliding windows)")

@@ -112,17 +112,18 @@ class LLMEngine:
             self.group = distributed.tensor_parallel_group(config.tensor_parallel_size)
             self._check_samples = distributed.check_samples_enabled()
             self.model.shard(self.group)
-            # Every rank must run the same schedule: the same number of blocks everywhere.
-            own = resolve_num_blocks(config, self.model, loaded.dtype)
-            config = replace(config, num_blocks=distributed.smallest(own, self.group))
+        num_blocks = resolve_num_blocks(config, self.model, loaded.dtype)  # of this rank's shard
+        if self.group is not None:  # every rank must run the same schedule: the same pool size
+            num_blocks = distributed.smallest(num_blocks, self.group)
+        # Resolved once, here: everything after reads these sizes from self.config.
+        self.config = replace(config, num_blocks=num_blocks, max_model_len=max_model_len)
+        config = self.config
         sampler = Sampler(self.eos_token_ids, seed=config.seed)
-        self.runner = ModelRunner(self.model, config, sampler, loaded.dtype, max_model_len)
-        self.config = replace(config, num_blocks=self.runner.num_blocks, max_model_len=max_model_len)
+        self.runner = ModelRunner(self.model, config, sampler, loaded.dtype)
         windows = self.runner.cache.layout.windows
         speculative, proposer = self.config.speculative, None
         if speculative is not None and speculative.method == "draft_model":
-            proposer = DraftModelProposer.load(speculative, self.config, loaded, self.runner.num_blocks,
-                                               len(windows))
+            proposer = DraftModelProposer.load(speculative, self.config, loaded, len(windows))
         self.scheduler = Scheduler(self.config, windows, proposer)
         # Drafting reads the newest token on the host: with speculation, steps are synchronous
         # (and with a prediction, the steps that carry it).

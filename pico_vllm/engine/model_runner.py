@@ -137,19 +137,17 @@ class ModelRunner:
     """Owns the model, the KV pool (its size and dtype) and the sampler; ``execute`` runs one
     scheduled step."""
 
-    def __init__(
-        self, model: nn.Module, config: EngineConfig, sampler: Sampler, dtype: mx.Dtype,
-        max_model_len: int,
-    ) -> None:
+    def __init__(self, model: nn.Module, config: EngineConfig, sampler: Sampler, dtype: mx.Dtype) -> None:
+        """``config`` as the engine resolved it: ``num_blocks`` and ``max_model_len`` set."""
         self.model = model
         self.sampler = sampler
         self.block_size = config.block_size
-        self.num_blocks = resolve_num_blocks(config, model, dtype)
+        self.num_blocks = config.num_blocks
         spec: KVSpec = model.kv_spec
         self.cache = KVCache(spec, self.num_blocks, config.block_size, dtype)
         # On a Mac: self-check the decode kernel's instance now, before any graph is traced.
         prepare_paged_attention(dtype, spec.num_q_heads, spec.num_kv_heads, spec.head_dim, config.block_size)
-        max_blocks = min(blocks_for(max_model_len, config.block_size), self.num_blocks)
+        max_blocks = min(blocks_for(config.max_model_len, config.block_size), self.num_blocks)
         # Cascade attention for decode rows sharing leading blocks, where every layer attends over
         # its whole context (a sliding window's start moves with each row).
         self.cascade = not config.disable_cascade_attn and all(w is None for w in self.cache.layout.windows)

@@ -206,3 +206,21 @@ def test_logits_must_match_the_batch():
     message = r"logits must have shape \[len\(requests\)=2, vocab\], got \(3, 16\)"
     with pytest.raises(ValueError, match=message):
         draw(Sampler({EOS}), logits(3), [seq(), seq()])
+
+
+def test_each_stage_names_the_rows_it_changes_and_the_shortcuts_follow():
+    sampler = Sampler({EOS})
+    assert [stage.name for stage in sampler.stages] == ["penalties", "grammar", "min_tokens"]
+    plain = seq(temperature=0)
+    assert sampler.is_plain_argmax([plain]) and not sampler.reads_token_ids(plain)
+    # Each of these changes a greedy row's logits (or its output), so the argmax shortcut is off;
+    # only penalties read earlier token ids on the host.
+    for request, reads in [(seq(temperature=0, presence_penalty=1.0), True),
+                           (seq(temperature=0, min_tokens=3), False),
+                           (seq(temperature=0, logprobs=2), False),
+                           (seq(temperature=0.5), False)]:
+        assert not sampler.is_plain_argmax([plain, request]), request.params
+        assert sampler.reads_token_ids(request) == reads, request.params
+    # A stage a batch does not use leaves its logits bit-exact: the greedy rows' argmax.
+    x = logits(4)
+    assert draw(sampler, x, [plain] * 4).token_ids == np.argmax(np.array(x), axis=-1).tolist()

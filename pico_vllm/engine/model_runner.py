@@ -215,7 +215,7 @@ class ModelRunner:
     def needs_token_values(self, out: SchedulerOutput) -> bool:
         """Whether building this step's sampler reads the ids of earlier tokens on the host
         (penalties count them): then the previous step must be read back first."""
-        return any(self.sampler.reads_token_ids(seq.params) for seq, _ in out.scheduled)
+        return any(self.sampler.reads_token_ids(seq) for seq, _ in out.scheduled)
 
     def _run_decode(
         self, batch: list[tuple[Sequence, int]], previous: PendingStep | None

@@ -6,6 +6,11 @@ parameter arrays (rows that do not use a stage pass through it unchanged):
     penalties -> grammar (structured outputs) -> block stop tokens (min_tokens) -> greedy argmax
                                       -> temperature -> min-p -> top-k/top-p -> draw
 
+The first three are :class:`LogitsStage` s (``Sampler.stages``): each says which rows it changes,
+and whether it reads earlier token ids on the host. That is what decides the shortcuts: a batch
+no stage touches, all greedy and without logprobs, is the model's plain argmax (computed inside a
+captured decode graph), and a step whose stages read token ids waits for the previous step's ids.
+
 The draw is Gumbel-max, ``argmax(logits + Gumbel noise)``, an exact sample from
 ``softmax(logits)`` whose randomness is one noise row per request, so a seeded request gets
 its own noise whatever else shares the batch. Logprobs are those of the raw model logits.
@@ -14,7 +19,7 @@ An all-greedy batch without penalties or logprobs is a single argmax.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from itertools import chain
 from typing import NamedTuple, Protocol
@@ -72,12 +77,30 @@ class PendingSamples(NamedTuple):
         return SamplerOutput(tokens, self.logprobs.tolist(), top)
 
 
+@dataclass(frozen=True)
+class LogitsStage:
+    """One change to the logits before the draw. ``applies`` names the rows it changes: every
+    other row passes bit-exact (and a batch with no such row skips the stage)."""
+
+    name: str
+    applies: Callable[[SamplingRequest], bool]
+    apply: Callable[[mx.array, Sequence[SamplingRequest]], mx.array]
+    reads_token_ids: bool  # needs the ids of the row's earlier tokens on the host
+
+
 class Sampler:
     """Samples one token per row of ``logits[B, V]`` (float32), row ``i`` by ``requests[i]``."""
 
     def __init__(self, eos_token_ids: set[int], seed: int = 0) -> None:
         self.eos_token_ids = sorted(eos_token_ids)
         self._key = mx.random.key(seed)  # the generator of requests without a seed
+        self.stages = (
+            # Penalties count the tokens so far; a grammar must have followed them.
+            LogitsStage("penalties", lambda r: _has_penalty(r.params), self._apply_penalties, True),
+            LogitsStage("grammar", lambda r: r.grammar is not None, _apply_grammars, True),
+            LogitsStage("min_tokens", lambda r: r.num_output_tokens < r.params.min_tokens,
+                        self._block_stop_tokens, False),
+        )
 
     def sample(self, logits: mx.array, requests: Sequence[SamplingRequest]) -> PendingSamples:
         """Build the sampling graph; nothing is evaluated until ``resolve``."""
@@ -88,35 +111,31 @@ class Sampler:
             )
         params = [r.params for r in requests]
         raw = logits
-        logits = self._apply_penalties(logits, requests)
-        logits = _apply_grammars(logits, requests)
-        logits = self._block_stop_tokens(logits, requests)
+        for stage in self.stages:
+            if any(stage.applies(r) for r in requests):
+                logits = stage.apply(logits, requests)
         tokens = mx.argmax(logits, axis=-1)
         if not all(p.greedy for p in params):
             is_greedy = mx.array([p.greedy for p in params])
             tokens = mx.where(is_greedy, tokens, self._draw(logits, requests))
         return _with_logprobs(raw, tokens, params)
 
-    @staticmethod
-    def reads_token_ids(params: SamplingParams) -> bool:
-        """Whether sampling for ``params`` reads the ids of earlier tokens on the host (penalties
-        count them; a grammar must have followed them to know what may come next)."""
-        return _has_penalty(params) or params.structured_outputs is not None
+    def reads_token_ids(self, request: SamplingRequest) -> bool:
+        """Whether sampling for ``request`` reads the ids of its earlier tokens on the host."""
+        return any(stage.reads_token_ids and stage.applies(request) for stage in self.stages)
 
     def is_plain_argmax(self, requests: Sequence[SamplingRequest]) -> bool:
         """True when every row's token is just the argmax of the model's logits: greedy, no
-        penalties, no grammar, no logprobs, no stop tokens blocked by ``min_tokens``."""
+        logprobs, and no stage changes its logits."""
         return all(
-            r.params.greedy and not _has_penalty(r.params) and r.params.logprobs is None
-            and r.grammar is None and r.num_output_tokens >= r.params.min_tokens
+            r.params.greedy and r.params.logprobs is None
+            and not any(stage.applies(r) for stage in self.stages)
             for r in requests
         )
 
     def _apply_penalties(self, logits: mx.array, requests: Sequence[SamplingRequest]) -> mx.array:
         """Repetition (HF) over prompt + output, presence and frequency (OpenAI) over output."""
         penalized = [i for i, r in enumerate(requests) if _has_penalty(r.params)]
-        if not penalized:
-            return logits  # untouched, so greedy stays the bit-exact argmax of the model
         in_context = _occurrences(logits.shape, penalized, [requests[i].token_ids for i in penalized]) > 0
         in_output = _occurrences(logits.shape, penalized, [requests[i].output_token_ids for i in penalized])
         # Rows without penalties get the neutral values (1, 0, 0): exactly unchanged.

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pico_vllm.engine.sequence import NO_BLOCK, PLACEHOLDER, Sequence
+from pico_vllm.engine.sequence import NO_BLOCK, Sequence
 
 
 @dataclass
@@ -210,9 +210,10 @@ class BlockManager:
     def _hash_full_blocks(self, seq: Sequence) -> None:
         """Extend ``seq.block_hashes`` over every full block whose tokens are all known."""
         while (len(seq.block_hashes) + 1) * self.block_size <= seq.num_tokens:
-            tokens = self._tokens_of_block(seq, len(seq.block_hashes))
-            if PLACEHOLDER in tokens:
+            index = len(seq.block_hashes)
+            if seq.has_pending(index * self.block_size, (index + 1) * self.block_size):
                 return  # a later call, once the token is known, hashes it and what follows
+            tokens = self._tokens_of_block(seq, index)
             parent = seq.block_hashes[-1] if seq.block_hashes else None
             seq.block_hashes.append(block_digest(parent, tokens))
 

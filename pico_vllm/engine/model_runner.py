@@ -29,7 +29,7 @@ from pico_vllm.engine.block_manager import blocks_for
 from pico_vllm.engine.cascade import plan_shared_prefix
 from pico_vllm.engine.decode_graphs import DecodeGraphs
 from pico_vllm.engine.scheduler import SchedulerOutput
-from pico_vllm.engine.sequence import NO_BLOCK, PLACEHOLDER, Sequence
+from pico_vllm.engine.sequence import NO_BLOCK, Sequence
 from pico_vllm.engine.speculative import DraftPosition, accepted
 from pico_vllm.layers.attention import AttentionMetadata, PrefillChunk, SharedPrefix
 from pico_vllm.layers.kv_cache import KVCache, KVSpec
@@ -240,7 +240,7 @@ class ModelRunner:
         (first in the batch) can hold one: the newest token of its sequence."""
         pending = [
             (row, previous.row_of(seq)) for row, (seq, n) in enumerate(batch)
-            if n == 1 and seq.token_ids[seq.num_computed_tokens] == PLACEHOLDER
+            if n == 1 and seq.is_pending(seq.num_computed_tokens)
         ]
         if not pending:
             return input_ids

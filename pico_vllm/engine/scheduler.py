@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 from pico_vllm.config import EngineConfig
 from pico_vllm.engine.block_manager import BlockManager
-from pico_vllm.engine.sequence import PLACEHOLDER, Sequence, SequenceStatus
+from pico_vllm.engine.sequence import Sequence, SequenceStatus
 from pico_vllm.engine.speculative import DraftProposer
 
 
@@ -149,7 +149,7 @@ class Scheduler:
             seq.num_computed_tokens += n
             self.block_manager.cache_full_blocks(seq)
             if seq in sampling:
-                seq.append_token(PLACEHOLDER)
+                seq.append_placeholder()
 
     def tokens_known(self, seq: Sequence, index: int, token_ids: list[int], num_rejected: int = 0) -> None:
         """The tokens sampled from ``index`` on reached the host (more than one where drafts were
@@ -200,7 +200,7 @@ class Scheduler:
         its ``max_tokens`` and ``max_model_len`` (every one might be kept). 0 for a grammar's
         requests (their tokens must follow the grammar) or while drafting pauses."""
         limit = self.proposer.max_drafts(seq)
-        if limit == 0 or seq.grammar is not None or seq.token_ids[-1] == PLACEHOLDER:
+        if limit == 0 or seq.grammar is not None or seq.is_pending():
             return 0  # (a placeholder: its newest token is still on its way to the host)
         if seq.draft_pause:
             seq.draft_pause -= 1

@@ -92,10 +92,24 @@ class Sequence(OutputTokens):
     def append_token(self, token_id: int) -> None:
         self.token_ids.append(token_id)
 
+    # Async scheduling: a token sampled by a step not yet read back is a placeholder in
+    # ``token_ids`` until the host learns it. These four methods are all that touch one.
+    def append_placeholder(self) -> None:
+        """A token was sampled on the device; its id reaches the host later."""
+        self.token_ids.append(PLACEHOLDER)
+
     def fill_placeholder(self, index: int, token_id: int) -> None:
         """The host learned the token sampled at ``index``."""
         assert self.token_ids[index] == PLACEHOLDER, (self, index)
         self.token_ids[index] = token_id
+
+    def is_pending(self, index: int = -1) -> bool:
+        """Whether the token at ``index`` (default: the newest) is still on its way to the host."""
+        return self.token_ids[index] == PLACEHOLDER
+
+    def has_pending(self, start: int, end: int) -> bool:
+        """Whether any token in ``token_ids[start:end]`` is still on its way to the host."""
+        return PLACEHOLDER in self.token_ids[start:end]
 
     def __repr__(self) -> str:
         return (

@@ -15,7 +15,7 @@ from pico_vllm import distributed
 from pico_vllm.config import EngineConfig
 from pico_vllm.engine.detokenizer import IncrementalDetokenizer
 from pico_vllm.engine.draft_model import DraftModelProposer
-from pico_vllm.engine.model_runner import ModelRunner, PendingStep, resolve_num_blocks
+from pico_vllm.engine.model_runner import ModelRunner, PendingStep, resolve_num_blocks, wire_memory
 from pico_vllm.engine.scheduler import Scheduler, SchedulerOutput
 from pico_vllm.engine.sequence import Sequence
 from pico_vllm.engine.speculative import after_verification
@@ -121,6 +121,7 @@ class LLMEngine:
         sampler = Sampler(self.eos_token_ids, seed=config.seed)
         self.runner = ModelRunner(self.model, config, sampler, loaded.dtype)
         windows = self.runner.cache.layout.windows
+        wire_memory()  # on a Mac: weights and pool stay resident
         speculative, proposer = self.config.speculative, None
         if speculative is not None and speculative.method == "draft_model":
             proposer = DraftModelProposer.load(speculative, self.config, loaded, len(windows))

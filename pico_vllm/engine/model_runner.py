@@ -114,6 +114,19 @@ def metal_kv_budget(working_set: int, weights: int) -> int:
     return budget
 
 
+def wire_memory() -> int | None:
+    """On a Mac, let MLX keep up to the GPU's recommended working set wired (resident, never
+    paged out), as mlx-lm does while it generates: the weights and the KV pool fit in it (the
+    pool is sized from what the weights leave of it). Returns the limit set, or None off Metal.
+    Without it macOS may page a large model's buffers out between steps."""
+    if not metal_available():
+        return None
+    info = mx.device_info() if hasattr(mx, "device_info") else mx.metal.device_info()
+    limit = info["max_recommended_working_set_size"]
+    mx.set_wired_limit(limit)
+    return limit
+
+
 def resolve_num_blocks(config: EngineConfig, model: nn.Module, dtype: mx.Dtype) -> int:
     """Blocks in the pool: ``config.num_blocks``, else the KV memory budget / bytes per block."""
     if config.num_blocks is not None:

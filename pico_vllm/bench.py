@@ -13,7 +13,10 @@ same number of tokens), on the same weights:
   (``models/mlx_lm_adapter.py``) instead of our own model file: what every other architecture
   runs on (not in the default selection);
 - ``mlx-lm batch``: mlx-lm's continuous-batching ``BatchGenerator``;
-- ``mlx-lm sequential``: mlx-lm's ``generate_step``, one request after the other (naive serving).
+- ``mlx-lm sequential``: mlx-lm's ``generate_step``, one request after the other (naive serving);
+- ``mlx-lm speculative``: mlx-lm's ``speculative_generate_step`` with the spec engine's draft model
+  (``--speculative-config`` with a ``model``), one request after the other: the baseline of draft
+  model speculation (not in the default selection).
 
 Workloads: ``mixed`` (many requests, prompt and output lengths uniform in ranges: nano-vllm's
 bench shape, scaled to a laptop), ``shared-prefix`` (requests sharing a long system prompt),
@@ -44,7 +47,7 @@ from pathlib import Path
 import numpy as np
 
 ENGINES = ("pico-vllm", "pico-vllm eager", "pico-vllm spec", "pico-vllm no-cascade", "pico-vllm mlx-lm",
-           "mlx-lm batch", "mlx-lm sequential")
+           "mlx-lm batch", "mlx-lm sequential", "mlx-lm speculative")
 WORKLOADS = ("mixed", "shared-prefix", "single", "repetitive", "online", "online-shared", "steps",
              "structured")
 # What a bare `pico-vllm bench` (and `make run`) runs: the comparisons with mlx-lm.
@@ -138,8 +141,11 @@ def _chat(tokenizer, text: str) -> list[int]:
     return list(tokenizer.encode(text))
 
 
-def check_selection(workloads: list[str], engines: list[str]) -> None:
+def check_selection(workloads: list[str], engines: list[str], speculative_config: dict | None = None) -> None:
     """ValueError for a selection that would measure nothing (before any model is loaded)."""
+    if "mlx-lm speculative" in engines and (speculative_config or {}).get("model") is None:
+        raise ValueError("the mlx-lm speculative engine needs a draft model: --speculative-config "
+                         "'{\"model\": \"<path or id>\", \"num_speculative_tokens\": 4}'")
     for name in PICO_ONLY:
         if name in workloads and not any(e.startswith("pico-vllm") for e in engines):
             raise ValueError(f"the {name} workload runs on the pico-vllm engines only: add "

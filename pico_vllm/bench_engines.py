@@ -66,6 +66,20 @@ def run_mlx_lm_sequential(model: nn.Module, workload: Workload) -> tuple[float, 
     return time.perf_counter() - started, produced
 
 
+def run_mlx_lm_speculative(model: nn.Module, draft: nn.Module, workload: Workload,
+                           k: int) -> tuple[float, int]:
+    """Seconds for mlx-lm's ``speculative_generate_step`` with ``draft`` proposing ``k`` tokens,
+    one request after the other."""
+    from mlx_lm.generate import speculative_generate_step
+
+    started = time.perf_counter()
+    produced = 0
+    for prompt, n in workload.requests:
+        steps = speculative_generate_step(mx.array(prompt), model, draft, num_draft_tokens=k, max_tokens=n)
+        produced += sum(1 for _ in steps)
+    return time.perf_counter() - started, produced
+
+
 def run_online(engine: LLMEngine, workload: Workload, rate: float, seed: int = 0) -> dict:
     """Poisson arrivals at ``rate`` requests/s through ``LLMEngine`` in real time; latencies in
     seconds: TTFT (arrival -> first token), TPOT (mean gap after the first token, per request),
@@ -220,7 +234,7 @@ def benchmark(
     first runs each workload's requests once untimed (graphs traced, MLX's buffer cache grown),
     with the prefix cache reset before each timed run, online rates included. The spec engine
     runs ``speculative_config`` (default ``SPECULATIVE_DEFAULT``)."""
-    check_selection(workloads, engines)
+    check_selection(workloads, engines, speculative_config)
     loaded = load(model)
     num_params = sum(p.size for _, p in tree_flatten(loaded.model.parameters()))
     vocab = loaded.model.vocab_size
@@ -231,18 +245,23 @@ def benchmark(
     offline = [w for w in workloads if w not in PICO_ONLY]
     pico_names = [e for e in engines if e.startswith("pico-vllm")]
     used = [e for e in engines if offline or (e in pico_names and set(workloads) & set(PICO_ONLY))]
-    twin = mlx_lm_twin(loaded) if {"mlx-lm batch", "mlx-lm sequential"} & set(used) else None
+    twin = mlx_lm_twin(loaded) if any(e.startswith("mlx-lm") for e in used) else None
     pico = {name: LLMEngine(EngineConfig(
                 model=model, max_num_seqs=max_num_seqs, enforce_eager=name.endswith("eager"),
                 disable_cascade_attn=name.endswith("no-cascade"),
                 speculative_config=facts["speculative_config"] if name.endswith("spec") else None,
             ), pico_model(name, loaded))
             for name in used if name.startswith("pico-vllm")}
+    draft_twin = None
+    if "mlx-lm speculative" in used:  # the spec engine's draft, as mlx-lm's own model class
+        draft_twin = mlx_lm_twin(load(facts["speculative_config"]["model"]))
     runners: dict[str, Callable[[Workload], tuple[float, int]]] = {
         name: (lambda w, e=engine: run_pico(e, w)) for name, engine in pico.items()
     } | {
         "mlx-lm batch": lambda w: run_mlx_lm_batch(twin, w, max_num_seqs),
         "mlx-lm sequential": lambda w: run_mlx_lm_sequential(twin, w),
+        "mlx-lm speculative": lambda w: run_mlx_lm_speculative(
+            twin, draft_twin, w, facts["speculative_config"].get("num_speculative_tokens", 4)),
     }
     warmup = Workload("warmup", [(list(range(10, 42)), 8)] * 2)
     for name in used:  # first calls JIT-compile MLX's kernels: not timed
@@ -252,7 +271,7 @@ def benchmark(
     jobs = [(w, e) for w in offline for e in engines]
     for workload_name, engine in tqdm(jobs, desc="bench", disable=not progress or not jobs):
         workload = make_workload(workload_name, vocab, quick, tokenizer=loaded.tokenizer)
-        if engine != "mlx-lm sequential":
+        if engine not in ("mlx-lm sequential", "mlx-lm speculative"):  # one request at a time: no warm-up
             # An untimed run of the same requests first, as a server would have warmed up: it
             # traces the decode graphs the workload needs and grows MLX's buffer cache.
             runners[engine](workload)

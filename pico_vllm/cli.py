@@ -361,7 +361,7 @@ def run_bench(args: argparse.Namespace) -> None:
     if args.max_num_seqs < 1:
         raise ValueError(f"--max-num-seqs must be >= 1, got {args.max_num_seqs}")
     workloads, engines = args.workload or list(DEFAULT_WORKLOADS), args.engine or list(DEFAULT_ENGINES)
-    check_selection(workloads, engines)
+    check_selection(workloads, engines, args.speculative_config)
     if args.speculative_config is not None:
         EngineConfig(speculative_config=args.speculative_config)  # a bad one fails before loading
     from pico_vllm.bench_engines import benchmark  # MLX: only once the arguments are good

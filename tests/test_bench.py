@@ -148,3 +148,18 @@ def test_the_structured_workload_times_constrained_rows_and_the_first_token(rand
     assert "new schema" in table[4] and "compiled schema" in table[4]
     extra = json.loads((tmp_path / "results.json").read_text())["results"][0]["extra"]
     assert all(0 < low <= mid <= high for low, mid, high in extra.values()) and len(extra) == 6
+
+
+def test_mlx_lm_speculative_runs_mlx_lms_speculation_with_the_spec_engines_draft(random_model, tmp_path,
+                                                                                 capsys):
+    model = random_model("llama", head_dim=32, vocab_size=512)
+    spec = json.dumps({"model": str(model), "num_speculative_tokens": 2})  # the model as its own draft
+    code = cli_main(["bench", "--model", str(model), "--quick", "--workload", "single", "--engine",
+                     "pico-vllm spec", "--engine", "mlx-lm speculative", "--speculative-config", spec,
+                     "--output", str(tmp_path)])
+    assert code == 0
+    results = json.loads((tmp_path / "results.json").read_text())["results"]
+    assert [(r["engine"], r["output_tokens"]) for r in results] == [("pico-vllm spec", 32),
+                                                                    ("mlx-lm speculative", 32)]
+    assert cli_main(["bench", "--engine", "mlx-lm speculative"]) == 2  # default ngram: no draft model
+    assert "the mlx-lm speculative engine needs a draft model" in capsys.readouterr().err

@@ -146,6 +146,12 @@ def resolve_num_blocks(config: EngineConfig, model: nn.Module, dtype: mx.Dtype) 
     return num_blocks
 
 
+def decode_graph_arrays(input_ids: mx.array, positions: mx.array, meta: AttentionMetadata) -> list[mx.array]:
+    """A decode-only step's arrays, flat, as ``ModelRunner._decode_step`` (a graph) takes them."""
+    return [input_ids, positions, meta.slot_blocks, meta.slot_offsets, meta.block_tables, meta.context_lens,
+            *(meta.shared_prefix or ())]
+
+
 class ModelRunner:
     """Owns the model, the KV pool (its size and dtype) and the sampler; ``execute`` runs one
     scheduled step."""
@@ -221,7 +227,7 @@ class ModelRunner:
         """Trace every decode bucket now (vLLM-style start-up capture); returns how many."""
         buckets = self.graphs.all_buckets() if self.graphs else []
         for batch, width in progress(buckets) if progress else buckets:
-            arrays = self.decode_arrays([], batch, width)
+            arrays = decode_graph_arrays(*self.prepare([], rows=batch, width=width))
             mx.eval(self.graphs(*arrays), self.cache.state)  # all padding: only scratch is written
         return len(buckets)
 
@@ -238,8 +244,8 @@ class ModelRunner:
         rows, padded_width = len(batch), width
         if self.graphs is not None:
             rows, padded_width = self.graphs.bucket(len(batch), width)
-        arrays = self.decode_arrays(batch, rows, padded_width)
-        arrays[0] = self._take_placeholders(arrays[0], batch, previous)
+        input_ids, positions, meta = self.prepare(batch, rows=rows, width=padded_width)
+        arrays = decode_graph_arrays(self._take_placeholders(input_ids, batch, previous), positions, meta)
         if self.graphs is None:
             return self._decode_step(*arrays)
         logits, argmax = self.graphs(*arrays)
@@ -263,7 +269,8 @@ class ModelRunner:
 
     def _decode_step(self, input_ids, positions, slot_blocks, slot_offsets, block_tables, context_lens,
                      *shared_prefix):
-        """One decode token per row -> ``(logits[B, V], argmax[B])``; what the graphs capture.
+        """One decode token per row -> ``(logits[B, V], argmax[B])``; what the graphs capture
+        (``decode_graph_arrays``: ``mx.compile`` takes arrays, not a metadata tuple).
         ``shared_prefix``: the four arrays of a ``SharedPrefix``, or none."""
         shared = SharedPrefix(*shared_prefix) if shared_prefix else None
         meta = AttentionMetadata(slot_blocks, slot_offsets, block_tables, context_lens, shared_prefix=shared)
@@ -275,26 +282,6 @@ class ModelRunner:
         sliding group gave back (``NO_BLOCK``) is the scratch block, which no query reads there."""
         tables = np.array([table[:num_blocks] for table in seq.block_tables], np.int32)
         return np.where(tables == NO_BLOCK, self.cache.scratch_block, tables)
-
-    def decode_arrays(self, batch: list[tuple[Sequence, int]], rows: int, width: int) -> list[mx.array]:
-        """The decode step's arrays, padded to ``rows`` x ``width`` with harmless rows: token 0 at
-        position 0, written to the scratch block, over a context of length 0; then cascade
-        attention's four (a ``SharedPrefix``) when rows share enough blocks."""
-        scratch, groups = self.cache.scratch_block, len(self.cache.layout.windows)
-        ids, positions = np.zeros(rows, np.int32), np.zeros(rows, np.int32)
-        slot_blocks, slot_offsets = np.full((groups, rows), scratch, np.int32), np.zeros(rows, np.int32)
-        tables, lengths = np.full((groups, rows, width), scratch, np.int32), np.zeros(rows, np.int32)
-        row_tables = []
-        for row, (seq, _) in enumerate(batch):
-            position = seq.num_computed_tokens
-            table = self._tables(seq, position // self.block_size + 1)
-            ids[row], positions[row], lengths[row] = seq.token_ids[position], position, position + 1
-            slot_blocks[:, row], slot_offsets[row] = table[:, -1], position % self.block_size
-            tables[:, row, : table.shape[1]] = table
-            row_tables.append(table)
-        arrays = [mx.array(a) for a in (ids, positions, slot_blocks, slot_offsets, tables, lengths)]
-        shared = self._shared_prefix(row_tables, lengths[: len(batch)].tolist(), rows)
-        return arrays + list(shared or ())
 
     def _shared_prefix(self, tables: list[np.ndarray], lengths: list[int], rows: int) -> SharedPrefix | None:
         """Cascade attention's arrays for decode rows with ``tables[b]`` (``[G, n]``) and
@@ -323,15 +310,20 @@ class ModelRunner:
         return SharedPrefix(*(mx.array(a) for a in (table, shared_lens, suffix_tables, suffix_lens)))
 
     def prepare(
-        self, batch: list[tuple[Sequence, int]], drafts: dict[Sequence, list[int]] | None = None
+        self, batch: list[tuple[Sequence, int]], drafts: dict[Sequence, list[int]] | None = None,
+        rows: int | None = None, width: int | None = None,
     ) -> tuple[mx.array, mx.array, AttentionMetadata]:
-        """Flat ``input_ids[T]``, ``positions[T]`` and the attention metadata of a mixed step;
-        a sequence's ``drafts`` follow its known tokens.
+        """Flat ``input_ids[T]``, ``positions[T]`` and the attention metadata of a step; a
+        sequence's ``drafts`` follow its known tokens. The one builder of every step's arrays:
+        eager, mixed, and captured decode graphs.
 
-        ``batch`` must list single-token queries before multi-token chunks.
+        ``batch`` must list single-token queries before multi-token chunks. A decode-only step
+        may be padded to a graph bucket: ``rows`` single-token rows (the padding: token 0 at
+        position 0, written to the scratch block, over a context of length 0) and block tables
+        ``width`` blocks wide.
         """
         drafts = drafts or {}
-        bs, groups = self.block_size, len(self.cache.layout.windows)
+        bs, groups, scratch = self.block_size, len(self.cache.layout.windows), self.cache.scratch_block
         ids, pos, slot_blocks = [], [], []
         decode_tables, decode_lens, prefills = [], [], []
         start = 0
@@ -350,9 +342,16 @@ class ModelRunner:
             else:
                 prefills.append(PrefillChunk(start, n, context_len, mx.array(table)))
             start += n
+        padding = (rows or len(batch)) - len(batch)
+        if padding and prefills:
+            raise ValueError("only a decode-only step is padded (padding rows would sit before the chunks)")
+        ids.append(np.zeros(padding, np.int32))
+        pos.append(np.zeros(padding, np.int32))
+        slot_blocks.append(np.full((groups, padding), scratch, np.int32))
 
-        max_blocks = max((t.shape[1] for t in decode_tables), default=1)
-        block_tables = np.full((groups, len(decode_tables), max_blocks), self.cache.scratch_block, np.int32)
+        num_decode = len(decode_tables) + padding
+        width = width or max((t.shape[1] for t in decode_tables), default=1)
+        block_tables = np.full((groups, num_decode, width), scratch, np.int32)
         for row, table in enumerate(decode_tables):
             block_tables[:, row, : table.shape[1]] = table
         positions = np.concatenate(pos)
@@ -360,8 +359,8 @@ class ModelRunner:
             slot_blocks=mx.array(np.concatenate(slot_blocks, axis=1)),
             slot_offsets=mx.array(positions % bs),
             block_tables=mx.array(block_tables),
-            context_lens=mx.array(np.asarray(decode_lens, dtype=np.int32)),
+            context_lens=mx.array(np.asarray(decode_lens + [0] * padding, dtype=np.int32)),
             prefills=tuple(prefills),
-            shared_prefix=self._shared_prefix(decode_tables, decode_lens, len(decode_tables)),
+            shared_prefix=self._shared_prefix(decode_tables, decode_lens, num_decode),
         )
         return mx.array(np.concatenate(ids)), mx.array(positions), meta

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import mlx.core as mx
 
+from metal_kernels.reference import gather_contexts
+
 
 def partial_softmax(
     queries: mx.array, keys: mx.array, values: mx.array, scale: float, valid: mx.array,
@@ -72,13 +74,8 @@ def paged_partials_reference(
 ) -> tuple[mx.array, mx.array]:
     """Pass 1's contract with one partition, in MLX: each row over its own paged context,
     ``(o[B, Hq, 1, D], ml[B, Hq, 1, 2])``."""
-    batch, max_blocks = block_tables.shape
-    num_kv_heads, _, block_size, head_dim = k_pool.shape
-    group = q.shape[1] // num_kv_heads
-    num_slots = max_blocks * block_size
-    keys = k_pool[:, block_tables].reshape(num_kv_heads, batch, num_slots, head_dim)
-    values = v_pool[:, block_tables].reshape(num_kv_heads, batch, num_slots, head_dim)
-    queries = q.reshape(batch, num_kv_heads, group, head_dim).transpose(1, 0, 2, 3)
+    queries, keys, values = gather_contexts(q, k_pool, v_pool, block_tables)
+    num_slots, head_dim = keys.shape[2], keys.shape[3]
     valid = mx.arange(num_slots)[None, :] < mx.minimum(context_lens, num_slots)[:, None]  # [B, N]
     o, m, l = partial_softmax(queries, keys, values, scale, valid[None, :, None, :], softcap)
     ml = mx.stack([m, l], axis=-1)  # [Hkv, B, G, 2]

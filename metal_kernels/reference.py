@@ -39,14 +39,10 @@ def paged_attention_reference(
     :func:`softmax_attention`): ``window`` keeps only the last ``window`` keys, ``sinks[Hq]``
     adds one logit per head to the softmax's denominator, ``softcap`` bounds the scores.
     """
-    batch, max_blocks = block_tables.shape
-    num_kv_heads, _, block_size, head_dim = k_pool.shape
+    num_kv_heads = k_pool.shape[0]
     group = q.shape[1] // num_kv_heads
-    num_slots = max_blocks * block_size
-    keys = k_pool[:, block_tables].reshape(num_kv_heads, batch, num_slots, head_dim)
-    values = v_pool[:, block_tables].reshape(num_kv_heads, batch, num_slots, head_dim)
-    # [B, Hq, D] -> [Hkv, B, G, D]: the G query heads sharing a KV head are one matmul's rows.
-    queries = q.reshape(batch, num_kv_heads, group, head_dim).transpose(1, 0, 2, 3)
+    queries, keys, values = gather_contexts(q, k_pool, v_pool, block_tables)
+    num_slots = keys.shape[2]
     # A context longer than its table (a caller's mistake) reads only the table's blocks, as the
     # kernel does: a window then ends at the table's end.
     context_lens = mx.minimum(context_lens, num_slots)
@@ -66,6 +62,21 @@ def paged_attention_reference(
     out = out.transpose(1, 0, 2, 3).reshape(q.shape)
     # An all-masked row softmaxes to NaN; padding rows must stay harmless.
     return mx.where((context_lens > 0)[:, None, None], out, 0.0).astype(q.dtype)
+
+
+def gather_contexts(
+    q: mx.array, k_pool: mx.array, v_pool: mx.array, block_tables: mx.array
+) -> tuple[mx.array, mx.array, mx.array]:
+    """Each row's blocks as dense ``keys``/``values[Hkv, B, MB * block_size, D]`` (a reshape of
+    the gather: the pool is head-major) and ``q[B, Hq, D]`` as ``queries[Hkv, B, G, D]``: the
+    ``G`` query heads sharing a KV head are one matmul's rows."""
+    batch, max_blocks = block_tables.shape
+    num_kv_heads, _, block_size, head_dim = k_pool.shape
+    num_slots = max_blocks * block_size
+    keys = k_pool[:, block_tables].reshape(num_kv_heads, batch, num_slots, head_dim)
+    values = v_pool[:, block_tables].reshape(num_kv_heads, batch, num_slots, head_dim)
+    queries = q.reshape(batch, num_kv_heads, q.shape[1] // num_kv_heads, head_dim).transpose(1, 0, 2, 3)
+    return queries, keys, values
 
 
 def softmax_attention(

@@ -216,12 +216,12 @@ def test_inputs_the_kernel_would_misread_fall_back(fake_metal):
 
 
 def test_on_a_mac_the_engine_wires_the_recommended_working_set_as_mlx_lm_does(monkeypatch):
-    from pico_vllm.engine import model_runner
+    from pico_vllm.engine import memory
 
     limits = []
     monkeypatch.setattr(mx, "set_wired_limit", lambda limit: limits.append(limit) or 0)
-    monkeypatch.setattr(model_runner, "metal_available", lambda: False)  # as on Linux: untouched
-    assert model_runner.wire_memory() is None and limits == []
-    monkeypatch.setattr(model_runner, "metal_available", lambda: True)
+    monkeypatch.setattr(memory, "metal_available", lambda: False)  # as on Linux: untouched
+    assert memory.wire_memory() is None and limits == []
+    monkeypatch.setattr(memory, "metal_available", lambda: True)
     monkeypatch.setattr(mx, "device_info", lambda: {"max_recommended_working_set_size": 48 * 2**30})
-    assert model_runner.wire_memory() == 48 * 2**30 and limits == [48 * 2**30]
+    assert memory.wire_memory() == 48 * 2**30 and limits == [48 * 2**30]

@@ -169,7 +169,7 @@ def test_a_row_of_nan_logits_fails_its_request_and_the_batch_goes_on(chat_model,
 
 
 def test_a_kv_budget_the_weights_leave_no_room_for_is_one_clear_error(chat_model):
-    from pico_vllm.engine.model_runner import METAL_KV_FRACTION, metal_kv_budget
+    from pico_vllm.engine.memory import METAL_KV_FRACTION, metal_kv_budget
 
     assert metal_kv_budget(10 * 2**30, 4 * 2**30) == int(6 * 2**30 * METAL_KV_FRACTION)
     with pytest.raises(ValueError, match=r"weights \(12.0 GiB\) leave no room for a KV cache in this "

@@ -12,9 +12,13 @@ choices) has one, and a second set would need a second shared-part launch per la
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from typing import NamedTuple
 
+import mlx.core as mx
 import numpy as np
+
+from pico_vllm.layers.attention import SharedPrefix
 
 # Below these, the separate shared-part pass costs more than the reads it saves (measured on the
 # CPU, SmolLM2 shapes; see the README's cascade section).
@@ -48,3 +52,28 @@ def plan_shared_prefix(
     equal = (heads == heads[0]).all(axis=0)
     num_blocks = limit if equal.all() else int(np.argmin(equal))
     return SharedPrefixPlan(rows, num_blocks) if num_blocks >= min_blocks else None
+
+
+def shared_prefix_arrays(
+    plan: SharedPrefixPlan, tables: list[np.ndarray], lengths: list[int], rows: int, block_size: int,
+    scratch: int, bucket: Callable[[int], int] | None = None,
+) -> SharedPrefix:
+    """The ``SharedPrefix`` arrays of ``plan`` for decode rows with tables ``tables[b]``
+    (``[G, n]``) and ``lengths``, padded to ``rows`` with the ``scratch`` block; under captured
+    graphs, ``bucket`` rounds the two tables' widths up to a width bucket."""
+    groups, shared, members = tables[0].shape[0], plan.num_blocks, set(plan.rows)
+    # The own tables are as wide as the longest one past its shared blocks, not as the whole
+    # tables: that is the reading cascade saves.
+    width = max(t.shape[1] - shared * (row in members) for row, t in enumerate(tables))
+    shared_width = shared
+    if bucket is not None:
+        shared_width, width = bucket(shared), bucket(width)
+    table = np.full((groups, shared_width), scratch, np.int32)
+    table[:, :shared] = tables[plan.rows[0]][:, :shared]
+    shared_lens, suffix_lens = np.zeros(rows, np.int32), np.zeros(rows, np.int32)
+    suffix_tables = np.full((groups, rows, width), scratch, np.int32)
+    for row, own in enumerate(tables):
+        skip = shared if row in members else 0
+        suffix_tables[:, row, : own.shape[1] - skip] = own[:, skip:]
+        shared_lens[row], suffix_lens[row] = skip * block_size, lengths[row] - skip * block_size
+    return SharedPrefix(*(mx.array(a) for a in (table, shared_lens, suffix_tables, suffix_lens)))

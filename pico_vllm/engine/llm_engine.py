@@ -15,7 +15,8 @@ from pico_vllm import distributed
 from pico_vllm.config import EngineConfig
 from pico_vllm.engine.detokenizer import IncrementalDetokenizer
 from pico_vllm.engine.draft_model import DraftModelProposer
-from pico_vllm.engine.model_runner import ModelRunner, PendingStep, resolve_num_blocks, wire_memory
+from pico_vllm.engine.memory import resolve_num_blocks, wire_memory
+from pico_vllm.engine.model_runner import ModelRunner, PendingStep
 from pico_vllm.engine.scheduler import Scheduler, SchedulerOutput
 from pico_vllm.engine.sequence import Sequence
 from pico_vllm.engine.speculative import after_verification

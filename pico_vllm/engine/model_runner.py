@@ -22,11 +22,10 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from metal_kernels import metal_available
 from metal_kernels import prepare as prepare_paged_attention
-from pico_vllm.config import CPU_KV_CACHE_BYTES, EngineConfig
+from pico_vllm.config import EngineConfig
 from pico_vllm.engine.block_manager import blocks_for
-from pico_vllm.engine.cascade import plan_shared_prefix
+from pico_vllm.engine.cascade import plan_shared_prefix, shared_prefix_arrays
 from pico_vllm.engine.decode_graphs import DecodeGraphs
 from pico_vllm.engine.scheduler import SchedulerOutput
 from pico_vllm.engine.sequence import NO_BLOCK, Sequence
@@ -34,9 +33,6 @@ from pico_vllm.engine.speculative import DraftPosition, accepted
 from pico_vllm.layers.attention import AttentionMetadata, PrefillChunk, SharedPrefix
 from pico_vllm.layers.kv_cache import KVCache, KVSpec
 from pico_vllm.layers.sampler import PendingSamples, Sampler
-
-# Fraction of the free Metal working set the KV pool may take (the rest: activations, MLX cache).
-METAL_KV_FRACTION = 0.8
 
 
 @dataclass
@@ -99,51 +95,6 @@ class PendingStep:
             tokens = accepted(drafts, out.token_ids[first : first + len(drafts) + 1])
             samples[seq] = [Sample(*row) for row in rows[first : first + len(tokens)]]
         return samples
-
-
-def metal_kv_budget(working_set: int, weights: int) -> int:
-    """Bytes for the KV pool on a Mac: ``METAL_KV_FRACTION`` of the GPU working set the weights
-    leave; ValueError with the numbers when they leave none."""
-    budget = int((working_set - weights) * METAL_KV_FRACTION)
-    if budget <= 0:
-        raise ValueError(
-            f"the model's weights ({weights / 2**30:.1f} GiB) leave no room for a KV cache in this "
-            f"Mac's GPU working set ({working_set / 2**30:.1f} GiB): serve a smaller or more quantized "
-            "model, or set the pool's size with --kv-cache-bytes or --num-blocks"
-        )
-    return budget
-
-
-def wire_memory() -> int | None:
-    """On a Mac, let MLX keep up to the GPU's recommended working set wired (resident, never
-    paged out), as mlx-lm does while it generates: the weights and the KV pool fit in it (the
-    pool is sized from what the weights leave of it). Returns the limit set, or None off Metal.
-    Without it macOS may page a large model's buffers out between steps."""
-    if not metal_available():
-        return None
-    info = mx.device_info() if hasattr(mx, "device_info") else mx.metal.device_info()
-    limit = info["max_recommended_working_set_size"]
-    mx.set_wired_limit(limit)
-    return limit
-
-
-def resolve_num_blocks(config: EngineConfig, model: nn.Module, dtype: mx.Dtype) -> int:
-    """Blocks in the pool: ``config.num_blocks``, else the KV memory budget / bytes per block."""
-    if config.num_blocks is not None:
-        return config.num_blocks
-    budget = config.kv_cache_bytes
-    if budget is None and metal_available():
-        info = mx.device_info() if hasattr(mx, "device_info") else mx.metal.device_info()
-        weights = sum(p.nbytes for _, p in nn.utils.tree_flatten(model.parameters()))
-        budget = metal_kv_budget(info["max_recommended_working_set_size"], weights)
-    if budget is None:
-        budget = CPU_KV_CACHE_BYTES
-    num_blocks = budget // model.kv_spec.bytes_per_block(config.block_size, dtype)
-    if num_blocks < 1:
-        raise ValueError(f"KV memory budget of {budget} bytes holds no block of this model "
-                         f"({model.kv_spec.bytes_per_block(config.block_size, dtype)} bytes): raise "
-                         "--kv-cache-bytes or give --num-blocks")
-    return num_blocks
 
 
 def decode_graph_arrays(input_ids: mx.array, positions: mx.array, meta: AttentionMetadata) -> list[mx.array]:
@@ -284,30 +235,15 @@ class ModelRunner:
         return np.where(tables == NO_BLOCK, self.cache.scratch_block, tables)
 
     def _shared_prefix(self, tables: list[np.ndarray], lengths: list[int], rows: int) -> SharedPrefix | None:
-        """Cascade attention's arrays for decode rows with ``tables[b]`` (``[G, n]``) and
-        ``lengths``, padded to ``rows`` (and the tables' widths to width buckets under graphs);
-        None when cascade is off or no rows share enough blocks."""
+        """Cascade attention's arrays for these decode rows (``engine/cascade.py``), or None when
+        cascade is off or no rows share enough blocks."""
         plan = plan_shared_prefix([t[0] for t in tables], lengths, self.block_size) if self.cascade else None
         if plan is None:
             return None
         self.cascade_steps += 1
-        scratch, groups, shared = self.cache.scratch_block, len(self.cache.layout.windows), plan.num_blocks
-        members = set(plan.rows)
-        # The own tables are as wide as the longest one past its shared blocks, not as the
-        # whole tables: that is the reading cascade saves.
-        width = max(t.shape[1] - shared * (row in members) for row, t in enumerate(tables))
-        shared_width = shared
-        if self.graphs is not None:
-            shared_width, width = self.graphs.bucket(1, shared)[1], self.graphs.bucket(1, width)[1]
-        table = np.full((groups, shared_width), scratch, np.int32)
-        table[:, :shared] = tables[plan.rows[0]][:, :shared]
-        shared_lens, suffix_lens = np.zeros(rows, np.int32), np.zeros(rows, np.int32)
-        suffix_tables = np.full((groups, rows, width), scratch, np.int32)
-        for row, own in enumerate(tables):
-            skip = shared if row in members else 0
-            suffix_tables[:, row, : own.shape[1] - skip] = own[:, skip:]
-            shared_lens[row], suffix_lens[row] = skip * self.block_size, lengths[row] - skip * self.block_size
-        return SharedPrefix(*(mx.array(a) for a in (table, shared_lens, suffix_tables, suffix_lens)))
+        bucket = (lambda width: self.graphs.bucket(1, width)[1]) if self.graphs is not None else None
+        return shared_prefix_arrays(plan, tables, lengths, rows, self.block_size, self.cache.scratch_block,
+                                    bucket)
 
     def prepare(
         self, batch: list[tuple[Sequence, int]], drafts: dict[Sequence, list[int]] | None = None,

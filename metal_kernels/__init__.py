@@ -83,16 +83,7 @@ def paged_attention_metal(
     softcap: float | None = None,
 ) -> mx.array | None:
     """The kernels' ``[B, Hq, D]`` output, or ``None`` when the caller must use the reference."""
-    if not metal_available():
-        return None
-    reason = unsupported_reason(q, k_pool, v_pool, block_tables, context_lens, sinks)
-    if reason is not None:
-        if reason not in _reported:
-            _reported.add(reason)
-            logger.debug("paged attention falls back to the MLX reference: %s", reason)
-        return None
-    num_kv_heads, _, block_size, head_dim = k_pool.shape
-    if not prepare(q.dtype, q.shape[1], num_kv_heads, head_dim, block_size):
+    if not _kernels_serve(q, k_pool, v_pool, block_tables, context_lens, sinks):
         return None
     return paged_attention_kernel(q, k_pool, v_pool, block_tables, context_lens, scale,
                                   window=window, sinks=sinks, softcap=softcap)
@@ -110,12 +101,7 @@ def cascade_attention(
     each row). On Metal the own blocks run through the kernel's pass 1 and everything merges in
     its pass 2; elsewhere both are the MLX reference."""
     shared = shared_prefix_partials(q, k_pool, v_pool, shared_table, shared_lens, scale, softcap)
-    num_kv_heads, _, block_size, head_dim = k_pool.shape
-    on_metal = (
-        metal_available()
-        and unsupported_reason(q, k_pool, v_pool, suffix_tables, suffix_lens, sinks) is None
-        and prepare(q.dtype, q.shape[1], num_kv_heads, head_dim, block_size)
-    )
+    on_metal = _kernels_serve(q, k_pool, v_pool, suffix_tables, suffix_lens, sinks)
     if on_metal:
         own = paged_attention_partials(q, k_pool, v_pool, suffix_tables, suffix_lens, scale, softcap=softcap)
     else:
@@ -125,6 +111,22 @@ def cascade_attention(
     if on_metal:
         return merge_partitions(o_part, ml_part, q.dtype, sinks)
     return merge_partitions_reference(o_part, ml_part, sinks).astype(q.dtype)
+
+
+def _kernels_serve(q: mx.array, k_pool: mx.array, v_pool: mx.array, block_tables: mx.array,
+                   context_lens: mx.array, sinks: mx.array | None) -> bool:
+    """True when the Metal kernels take these inputs: Metal is there, the inputs are covered
+    (the reason they are not is logged once), and the instance passed its self-check."""
+    if not metal_available():
+        return False
+    reason = unsupported_reason(q, k_pool, v_pool, block_tables, context_lens, sinks)
+    if reason is not None:
+        if reason not in _reported:
+            _reported.add(reason)
+            logger.debug("paged attention falls back to the MLX reference: %s", reason)
+        return False
+    num_kv_heads, _, block_size, head_dim = k_pool.shape
+    return prepare(q.dtype, q.shape[1], num_kv_heads, head_dim, block_size)
 
 
 def prepare(dtype: mx.Dtype, num_q_heads: int, num_kv_heads: int, head_dim: int, block_size: int) -> bool:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from metal_kernels.reference import gather_contexts
+from metal_kernels.reference import gather_contexts, masked_scores
 
 
 def partial_softmax(
@@ -32,10 +32,7 @@ def partial_softmax(
     ``[..., R, D]`` already divided by ``l``, ``m`` the max score and ``l`` the sum of
     ``exp(score - m)``, both ``[..., R]``. A row with no valid key has ``o = 0, l = 0`` (and weighs
     nothing in a merge)."""
-    scores = (queries * scale) @ keys.swapaxes(-1, -2)
-    if softcap is not None:
-        scores = mx.tanh(scores / softcap) * softcap
-    scores = mx.where(valid, scores.astype(mx.float32), -mx.inf)
+    scores = masked_scores(queries, keys, scale, valid, softcap)
     m = scores.max(axis=-1)
     m_safe = mx.where(mx.isinf(m), 0.0, m)  # rows with no key: exp(-inf - 0) = 0, not NaN
     p = mx.exp(scores - m_safe[..., None])

@@ -79,6 +79,17 @@ def gather_contexts(
     return queries, keys, values
 
 
+def masked_scores(
+    queries: mx.array, keys: mx.array, scale: float, valid: mx.array, softcap: float | None = None
+) -> mx.array:
+    """``scale * q.k`` of ``queries[..., R, D]`` against ``keys[..., N, D]``, softcapped
+    (``cap * tanh(s / cap)``) if asked, in float32, ``-inf`` where ``valid`` is False."""
+    scores = (queries * scale) @ keys.swapaxes(-1, -2)
+    if softcap is not None:
+        scores = mx.tanh(scores / softcap) * softcap
+    return mx.where(valid, scores.astype(mx.float32), -mx.inf)
+
+
 def softmax_attention(
     queries: mx.array,
     keys: mx.array,
@@ -95,10 +106,7 @@ def softmax_attention(
     ``s = scale * q.k``, with a softcap ``cap * tanh(s / cap)`` (Gemma 2); a sink is one more
     logit per query head that only adds to the softmax's denominator (gpt-oss). Softmax in fp32.
     """
-    scores = (queries * scale) @ keys.swapaxes(-1, -2)
-    if softcap is not None:
-        scores = mx.tanh(scores / softcap) * softcap
-    scores = mx.where(valid, scores.astype(mx.float32), -mx.inf)
+    scores = masked_scores(queries, keys, scale, valid, softcap)
     if sinks is not None:
         sink = mx.broadcast_to(sinks.astype(mx.float32), (*scores.shape[:-1], 1))
         scores = mx.concatenate([scores, sink], axis=-1)

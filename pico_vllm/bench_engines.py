@@ -24,7 +24,7 @@ from pico_vllm.bench import (
     make_workload,
     percentile,
 )
-from pico_vllm.config import EngineConfig
+from pico_vllm.config import EngineConfig, SpeculativeConfig
 from pico_vllm.engine.llm_engine import LLMEngine
 from pico_vllm.loader import LoadedModel, load
 from pico_vllm.sampling_params import SamplingParams
@@ -252,16 +252,16 @@ def benchmark(
                 speculative_config=facts["speculative_config"] if name.endswith("spec") else None,
             ), pico_model(name, loaded))
             for name in used if name.startswith("pico-vllm")}
-    draft_twin = None
+    draft_twin, spec = None, SpeculativeConfig.from_dict(facts["speculative_config"])
     if "mlx-lm speculative" in used:  # the spec engine's draft, as mlx-lm's own model class
-        draft_twin = mlx_lm_twin(load(facts["speculative_config"]["model"]))
+        draft_twin = mlx_lm_twin(load(spec.model))
     runners: dict[str, Callable[[Workload], tuple[float, int]]] = {
         name: (lambda w, e=engine: run_pico(e, w)) for name, engine in pico.items()
     } | {
         "mlx-lm batch": lambda w: run_mlx_lm_batch(twin, w, max_num_seqs),
         "mlx-lm sequential": lambda w: run_mlx_lm_sequential(twin, w),
-        "mlx-lm speculative": lambda w: run_mlx_lm_speculative(
-            twin, draft_twin, w, facts["speculative_config"].get("num_speculative_tokens", 4)),
+        "mlx-lm speculative": lambda w: run_mlx_lm_speculative(twin, draft_twin, w,
+                                                               spec.num_speculative_tokens),
     }
     warmup = Workload("warmup", [(list(range(10, 42)), 8)] * 2)
     for name in used:  # first calls JIT-compile MLX's kernels: not timed

@@ -33,10 +33,15 @@ def wire_memory() -> int | None:
     Without it macOS may page a large model's buffers out between steps."""
     if not metal_available():
         return None
-    info = mx.device_info() if hasattr(mx, "device_info") else mx.metal.device_info()
-    limit = info["max_recommended_working_set_size"]
+    limit = metal_working_set()
     mx.set_wired_limit(limit)
     return limit
+
+
+def metal_working_set() -> int:
+    """The Apple GPU's recommended working set, in bytes."""
+    info = mx.device_info() if hasattr(mx, "device_info") else mx.metal.device_info()
+    return info["max_recommended_working_set_size"]
 
 
 def resolve_num_blocks(config: EngineConfig, model: nn.Module, dtype: mx.Dtype) -> int:
@@ -45,9 +50,8 @@ def resolve_num_blocks(config: EngineConfig, model: nn.Module, dtype: mx.Dtype) 
         return config.num_blocks
     budget = config.kv_cache_bytes
     if budget is None and metal_available():
-        info = mx.device_info() if hasattr(mx, "device_info") else mx.metal.device_info()
         weights = sum(p.nbytes for _, p in nn.utils.tree_flatten(model.parameters()))
-        budget = metal_kv_budget(info["max_recommended_working_set_size"], weights)
+        budget = metal_kv_budget(metal_working_set(), weights)
     if budget is None:
         budget = CPU_KV_CACHE_BYTES
     num_blocks = budget // model.kv_spec.bytes_per_block(config.block_size, dtype)

@@ -121,7 +121,7 @@ class ModelRunner:
         # Cascade attention for decode rows sharing leading blocks, where every layer attends over
         # its whole context (a sliding window's start moves with each row).
         self.cascade = not config.disable_cascade_attn and all(w is None for w in self.cache.layout.windows)
-        self.cascade_steps = 0  # steps that ran cascade attention
+        self.cascade_steps = 0  # steps executed with cascade attention
         self.graphs = None
         if config.capture_graphs != "off" and model.supports_graphs:
             self.graphs = DecodeGraphs(
@@ -143,13 +143,16 @@ class ModelRunner:
         ]
         seqs = [batch[i][0] for i in rows]
         requests = seqs
-        if all(n == 1 for _, n in batch):
-            logits, argmax = self._run_decode(batch, previous)  # every row: the graph's shape
+        decode_only = all(n == 1 for _, n in batch)
+        pad_rows, pad_width = self._graph_bucket(batch) if decode_only else (None, None)
+        input_ids, positions, meta = self.prepare(batch, drafts, pad_rows, pad_width)
+        input_ids = self._take_placeholders(input_ids, batch, previous)
+        self.cascade_steps += meta.shared_prefix is not None
+        if decode_only:
+            logits, argmax = self._run_decode(input_ids, positions, meta, len(batch))  # every row
             index = mx.array(rows)
             logits, argmax = (logits[index], argmax[index]) if rows else (logits, argmax)
         else:
-            input_ids, positions, meta = self.prepare(batch, drafts)
-            input_ids = self._take_placeholders(input_ids, batch, previous)
             # The LM head only for the rows that sample: mid-prompt chunks need no logits; a
             # drafting sequence samples at its chunk's every position, as if its drafts were out.
             ends = np.cumsum([n for _, n in batch]).tolist()
@@ -187,20 +190,24 @@ class ModelRunner:
         (penalties count them): then the previous step must be read back first."""
         return any(self.sampler.reads_token_ids(seq) for seq, _ in out.scheduled)
 
-    def _run_decode(
-        self, batch: list[tuple[Sequence, int]], previous: PendingStep | None
-    ) -> tuple[mx.array, mx.array]:
-        """A decode-only step: through its captured graph, or eagerly without padding."""
+    def _graph_bucket(self, batch: list[tuple[Sequence, int]]) -> tuple[int | None, int | None]:
+        """The (rows, block-table width) a decode-only step is padded to for its captured graph;
+        (None, None) without graphs: an eager step is not padded."""
+        if self.graphs is None:
+            return None, None
         width = max(blocks_for(seq.num_computed_tokens + 1, self.block_size) for seq, _ in batch)
-        rows, padded_width = len(batch), width
-        if self.graphs is not None:
-            rows, padded_width = self.graphs.bucket(len(batch), width)
-        input_ids, positions, meta = self.prepare(batch, rows=rows, width=padded_width)
-        arrays = decode_graph_arrays(self._take_placeholders(input_ids, batch, previous), positions, meta)
+        return self.graphs.bucket(len(batch), width)
+
+    def _run_decode(
+        self, input_ids: mx.array, positions: mx.array, meta: AttentionMetadata, num_rows: int
+    ) -> tuple[mx.array, mx.array]:
+        """A decode-only step's ``(logits, argmax)`` for its ``num_rows`` real rows: through its
+        captured graph, or eagerly."""
+        arrays = decode_graph_arrays(input_ids, positions, meta)
         if self.graphs is None:
             return self._decode_step(*arrays)
         logits, argmax = self.graphs(*arrays)
-        return logits[: len(batch)], argmax[: len(batch)]
+        return logits[:num_rows], argmax[:num_rows]
 
     @staticmethod
     def _take_placeholders(
@@ -234,14 +241,16 @@ class ModelRunner:
         tables = np.array([table[:num_blocks] for table in seq.block_tables], np.int32)
         return np.where(tables == NO_BLOCK, self.cache.scratch_block, tables)
 
-    def _shared_prefix(self, tables: list[np.ndarray], lengths: list[int], rows: int) -> SharedPrefix | None:
+    def _shared_prefix(self, tables: list[np.ndarray], lengths: list[int], rows: int,
+                       padded: bool) -> SharedPrefix | None:
         """Cascade attention's arrays for these decode rows (``engine/cascade.py``), or None when
-        cascade is off or no rows share enough blocks."""
+        cascade is off or no rows share enough blocks; a step ``padded`` for a captured graph
+        pads the tables' widths to width buckets too."""
         plan = plan_shared_prefix([t[0] for t in tables], lengths, self.block_size) if self.cascade else None
         if plan is None:
             return None
-        self.cascade_steps += 1
-        bucket = (lambda width: self.graphs.bucket(1, width)[1]) if self.graphs is not None else None
+        graphs = self.graphs if padded else None
+        bucket = (lambda width: graphs.bucket(1, width)[1]) if graphs is not None else None
         return shared_prefix_arrays(plan, tables, lengths, rows, self.block_size, self.cache.scratch_block,
                                     bucket)
 
@@ -297,6 +306,7 @@ class ModelRunner:
             block_tables=mx.array(block_tables),
             context_lens=mx.array(np.asarray(decode_lens + [0] * padding, dtype=np.int32)),
             prefills=tuple(prefills),
-            shared_prefix=self._shared_prefix(decode_tables, decode_lens, num_decode),
+            shared_prefix=self._shared_prefix(decode_tables, decode_lens, num_decode,
+                                              padded=rows is not None),
         )
         return mx.array(np.concatenate(ids)), mx.array(positions), meta

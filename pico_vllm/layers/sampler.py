@@ -196,8 +196,6 @@ def _apply_grammars(logits: mx.array, requests: Sequence[SamplingRequest]) -> mx
     """Structured outputs: each constrained row keeps only the tokens its grammar allows next
     (llguidance's bitmask, computed on the host, one bit per token); other rows pass unchanged."""
     constrained = [(r.grammar, i) for i, r in enumerate(requests) if r.grammar is not None]
-    if not constrained:
-        return logits
     batch, vocab = logits.shape
     bitmask = token_bitmask(constrained, batch, vocab).view(np.uint32)  # [B, ceil(V / 32)]
     bits = (mx.array(bitmask)[:, :, None] >> mx.arange(32, dtype=mx.uint32)) & 1

@@ -48,8 +48,8 @@ class EngineConfig:
             ``{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4,
             "prompt_lookup_min": 2}`` drafts tokens by prompt lookup, ``{"model": "<path or id>",
             "num_speculative_tokens": 4}`` with a smaller model of the same vocabulary; the
-            drafts are verified in the batch and outputs are unchanged (the engine then steps
-            synchronously).
+            drafts are verified in the batch and outputs are unchanged (steps that verify or
+            are about to draft are read back before the next is queued).
     """
 
     model: str | None = None

@@ -63,7 +63,7 @@ def test_a_wrong_prediction_changes_nothing_and_is_followed_again_after_the_edit
     same_outputs(plain, predicted)
     for out in predicted:
         assert out.num_accepted_draft_tokens < out.num_draft_tokens
-        assert out.num_accepted_draft_tokens >= 25  # drafting picked the prediction up after each edit
+        assert out.num_accepted_draft_tokens >= 20  # drafting picked the prediction up after each edit
 
 
 @pytest.mark.parametrize("speculative", [None, NGRAM], ids=["async engine", "ngram engine"])

@@ -105,6 +105,28 @@ def test_greedy_with_drafts_equals_greedy_without(model, name, overrides):
         assert engine.config.max_num_batched_tokens == 8
 
 
+def test_async_scheduling_overlaps_the_steps_that_neither_verify_nor_draft(model):
+    """A step is queued before the one in flight is read back only when that one verified no
+    drafts and no sequence is about to draft: outputs stay exact, and paused drafting overlaps."""
+    requests = [(p, SamplingParams(temperature=0, max_tokens=48, ignore_eos=True)) for p in looping_prompts()]
+    plain = run(LLMEngine(EngineConfig(model=model, num_blocks=128)), requests)
+    engine = LLMEngine(EngineConfig(model=model, num_blocks=128, speculative_config=NGRAM))
+    overlapped = []  # (the step drafts, the step in flight verified drafts) of each overlapped step
+    execute = engine.runner.execute
+
+    def recording(out, previous=None):
+        if previous is not None:
+            overlapped.append((bool(out.drafts), bool(previous.drafts)))
+        return execute(out, previous)
+
+    engine.runner.execute = recording
+    # One request at a time: any sequence about to draft makes its step wait for the one before.
+    same_outputs(plain, [run(engine, [request])[0] for request in requests])
+    assert engine.stats.draft_tokens > engine.stats.accepted_draft_tokens > 0
+    assert len(overlapped) > 5, "no step overlapped the one before"
+    assert not any(drafts or verified for drafts, verified in overlapped)
+
+
 class ReplayProposer(DraftProposer):
     """Drafts the continuation a plain engine produced, with every other draft run's last token
     changed: drafts are kept and rejected whatever the model (a random one rarely loops)."""
@@ -216,7 +238,7 @@ def test_unseeded_sampling_with_drafts_follows_the_model_distribution(model):
     randomized probability integral transform of those tokens, against the exact probabilities of
     mlx-lm's forward pass, is uniform (chi-square over 10 bins, p = 0.001)."""
     engine = LLMEngine(EngineConfig(model=model, num_blocks=256, speculative_config=NGRAM, seed=11))
-    params = SamplingParams(temperature=0.7, top_k=3, max_tokens=24, ignore_eos=True)
+    params = SamplingParams(temperature=0.7, top_k=3, max_tokens=32, ignore_eos=True)
     prompts = looping_prompts(seed=5) * 12
     steps = {}
     outputs = run(engine, [(p, params) for p in prompts], steps)

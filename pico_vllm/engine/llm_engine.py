@@ -127,9 +127,7 @@ class LLMEngine:
         if speculative is not None and speculative.method == "draft_model":
             proposer = DraftModelProposer.load(speculative, self.config, loaded, len(windows))
         self.scheduler = Scheduler(self.config, windows, proposer)
-        # Drafting reads the newest token on the host: with speculation, steps are synchronous
-        # (and with a prediction, the steps that carry it).
-        self._async = config.async_scheduling and speculative is None
+        self._async = config.async_scheduling
         if config.capture_graphs == "startup" and self.runner.graphs is not None:
             from tqdm import tqdm
 
@@ -217,13 +215,20 @@ class LLMEngine:
         host reads back the *previous* step and builds its outputs: the new step's decode inputs
         are the previous step's sampled ids, taken on the device. A sequence that turns out to
         have finished (EOS, a stop string) has its one extra token discarded. A batch whose
-        sampling reads earlier token ids (penalties) reads the previous step back first.
+        sampling reads earlier token ids (penalties) reads the previous step back first, and so
+        does a step after one that verified drafts or before one that drafts.
         """
         carried = {seq.request_id for seq in self._in_flight[0].seqs} if self._in_flight else set()
         try:
+            outputs = []
+            if self._in_flight is not None and (self._in_flight[0].drafts or self.scheduler.wants_drafts()):
+                # How many drafts a verification kept decides where its sequence goes on, and
+                # drafting reads a sequence's newest token: read the step in flight back first.
+                outputs = self._complete(*self._in_flight)
+                self._in_flight = None
             out = self.scheduler.schedule()
             carried |= {seq.request_id for seq, _ in out.scheduled}
-            return self._step(out)
+            return outputs + self._step(out)
         except Exception as e:
             if not carried:  # the scheduler itself failed: no request's state can be trusted
                 carried = set(self._requests)
@@ -252,9 +257,7 @@ class LLMEngine:
             self._in_flight = (pending, [len(seq.token_ids) - 1 for seq in pending.seqs])
         if previous is not None:
             outputs += self._complete(*previous)
-        if self._in_flight is not None and not (
-            self._async and all(seq.prediction is None for seq in self._in_flight[0].seqs)
-        ):
+        if self._in_flight is not None and not self._async:
             outputs += self._complete(*self._in_flight)
             self._in_flight = None
         return outputs

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pico_vllm.config import EngineConfig
 from pico_vllm.engine.block_manager import BlockManager
 from pico_vllm.engine.sequence import Sequence, SequenceStatus
-from pico_vllm.engine.speculative import DraftProposer
+from pico_vllm.engine.speculative import DraftProposer, pause_drafting
 
 
 @dataclass
@@ -191,23 +191,35 @@ class Scheduler:
                 got = drafts.get(seq, [])
                 if got:
                     out.drafts[seq] = got
+                else:
+                    pause_drafting(seq)  # nothing to draft from: look again later
                 out.scheduled[index] = (seq, 1 + len(got))
                 unused += n - 1 - len(got)
         return unused
 
+    def wants_drafts(self) -> bool:
+        """Whether a running sequence would draft now but for its newest token, still on its way
+        to the host (asynchronous scheduling): drafting reads it, so the engine reads the step
+        in flight back first."""
+        return any(seq.is_pending() and not seq.draft_pause and self._draft_room(seq) for seq in self.running)
+
     def _draft_limit(self, seq: Sequence, budget: int) -> int:
         """How many tokens ``seq`` may draft: as many as the proposer allows and fit the budget,
-        its ``max_tokens`` and ``max_model_len`` (every one might be kept). 0 for a grammar's
-        requests (their tokens must follow the grammar) or while drafting pauses."""
-        limit = self.proposer.max_drafts(seq)
-        if limit == 0 or seq.grammar is not None or seq.is_pending():
-            return 0  # (a placeholder: its newest token is still on its way to the host)
-        if seq.draft_pause:
+        its ``max_tokens`` and ``max_model_len`` (every one might be kept). 0 while drafting
+        pauses (a step counted) or while its newest token is still a placeholder."""
+        room = self._draft_room(seq)
+        if room and seq.draft_pause:
             seq.draft_pause -= 1
             return 0
+        return 0 if seq.is_pending() else max(0, min(room, budget - 1))
+
+    def _draft_room(self, seq: Sequence) -> int:
+        """The most drafts ``seq`` could verify, budget aside; 0 for a grammar's requests (their
+        tokens must follow the grammar) and for one that does not draft."""
+        if seq.grammar is not None:
+            return 0
         return max(0, min(
-            limit,
-            budget - 1,
+            self.proposer.max_drafts(seq),
             seq.params.max_tokens - seq.num_output_tokens - 1,
             self.config.max_model_len - seq.num_tokens - 1,
         ))

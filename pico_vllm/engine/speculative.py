@@ -22,10 +22,12 @@ Predicted Outputs, ``SamplingParams.prediction``), say the file it asks to have 
 output follows the prediction its next tokens are drafted from there; where the output departs
 from it, drafting resumes after the latest few output tokens' place in the prediction.
 
-Drafting needs the last token on the host, so an engine with speculation steps synchronously, and
-so does any step carrying a request with a prediction.
-A sequence whose drafts keep failing pauses drafting (``after_verification``), so a workload
-without repetition costs little.
+Drafting needs the newest token on the host, and how many drafts a step kept decides where its
+sequence goes on: under asynchronous scheduling the engine reads a step back before queueing the
+next when it verified drafts or a sequence is about to draft (``Scheduler.wants_drafts``), and
+otherwise overlaps steps as usual.
+A sequence whose drafts keep failing, or that finds nothing to draft from, pauses drafting
+(``pause_drafting``), so a workload without repetition costs little.
 """
 
 from __future__ import annotations
@@ -149,7 +151,14 @@ def after_verification(seq: Sequence, drafted: int, kept: int) -> None:
     if drafted == 0:
         return
     if kept == 0:
-        seq.draft_failures += 1
-        seq.draft_pause = min(MAX_PAUSE, 2 ** (seq.draft_failures - 1))
+        pause_drafting(seq)
     else:
         seq.draft_failures = seq.draft_pause = 0
+
+
+def pause_drafting(seq: Sequence) -> None:
+    """Another failure (every draft rejected, or nothing to draft from): ``seq`` pauses drafting
+    for twice the steps it paused last time (up to ``MAX_PAUSE``). Paused, its steps overlap
+    under asynchronous scheduling."""
+    seq.draft_failures += 1
+    seq.draft_pause = min(MAX_PAUSE, 2 ** (seq.draft_failures - 1))

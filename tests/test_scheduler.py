@@ -85,6 +85,11 @@ def test_without_prefix_caching_nothing_waits_for_a_prefix():
     assert [x.request_id for x, _ in step(s).scheduled] == ["a", "b"]
 
 
+def test_a_config_without_the_pools_size_is_refused():
+    with pytest.raises(ValueError, match="num_blocks and max_model_len set"):
+        Scheduler(EngineConfig(max_model_len=128))
+
+
 def test_max_num_seqs_limits_admission():
     s = make(max_seqs=2)
     for i in range(3):

@@ -252,7 +252,7 @@ class LLMEngine:
             pending.start()
             self.scheduler.advance(out, pending.seqs)
             self.stats.steps += 1
-            self.stats.cascade_steps = self.runner.cascade_steps
+            self.stats.cascade_steps += pending.cascade
             # Where each sampled token goes in its sequence, once the host reads it.
             self._in_flight = (pending, [len(seq.token_ids) - 1 for seq in pending.seqs])
         if previous is not None:

@@ -57,8 +57,10 @@ class PendingStep:
     def __init__(
         self, seqs: list[Sequence], samples: PendingSamples | None, state: list[mx.array],
         drafts: dict[Sequence, list[int]] | None = None, broken: mx.array | None = None,
+        cascade: bool = False,
     ):
         self.seqs, self._samples, self._state = seqs, samples, state
+        self.cascade = cascade  # its decode rows read shared blocks once (cascade attention)
         self.drafts = drafts or {}
         self._broken = broken  # [rows] bool: the row's logits were not numbers
         self.failed: list[Sequence] = []  # after resolve: sequences whose logits were broken
@@ -121,7 +123,6 @@ class ModelRunner:
         # Cascade attention for decode rows sharing leading blocks, where every layer attends over
         # its whole context (a sliding window's start moves with each row).
         self.cascade = not config.disable_cascade_attn and all(w is None for w in self.cache.layout.windows)
-        self.cascade_steps = 0  # steps executed with cascade attention
         self.graphs = None
         if config.capture_graphs != "off" and model.supports_graphs:
             self.graphs = DecodeGraphs(
@@ -147,7 +148,6 @@ class ModelRunner:
         pad_rows, pad_width = self._graph_bucket(batch) if decode_only else (None, None)
         input_ids, positions, meta = self.prepare(batch, drafts, pad_rows, pad_width)
         input_ids = self._take_placeholders(input_ids, batch, previous)
-        self.cascade_steps += meta.shared_prefix is not None
         if decode_only:
             logits, argmax = self._run_decode(input_ids, positions, meta, len(batch))  # every row
             index = mx.array(rows)
@@ -167,15 +167,16 @@ class ModelRunner:
                     requests.append(seq)
             logits = self.model(input_ids, positions, self.cache, meta, mx.array(logit_rows, mx.int32))
             logits, argmax = logits.astype(mx.float32), None
+        cascade = meta.shared_prefix is not None
         if not rows:
-            return PendingStep([], None, self.cache.state)
+            return PendingStep([], None, self.cache.state, cascade=cascade)
         if argmax is not None and self.sampler.is_plain_argmax(seqs):
             samples = PendingSamples(argmax, [None] * len(seqs))
         else:
             samples = self.sampler.sample(logits, requests)
         # A row whose logits hold NaN or +inf (a broken checkpoint, an overflow) fails its request.
         broken = mx.logical_or(mx.isnan(logits), logits == mx.inf).any(axis=-1)
-        return PendingStep(seqs, samples, self.cache.state, drafts, broken)
+        return PendingStep(seqs, samples, self.cache.state, drafts, broken, cascade)
 
     def capture_all(self, progress=None) -> int:
         """Trace every decode bucket now (vLLM-style start-up capture); returns how many."""

@@ -58,7 +58,9 @@ class Scheduler:
         """``windows``: each layer group's sliding window (None: full attention; see
         ``BlockManager``); ``proposer`` drafts for decoding sequences (default: from their
         predictions, and with n-gram speculation from their own tokens)."""
-        assert config.num_blocks is not None and config.max_model_len is not None
+        if config.num_blocks is None or config.max_model_len is None:
+            raise ValueError("the scheduler needs the pool's size and max_model_len: pass the config "
+                             "as LLMEngine resolved it (num_blocks and max_model_len set)")
         self.config = config
         self.block_manager = BlockManager(
             config.num_blocks, config.block_size, config.enable_prefix_caching, windows

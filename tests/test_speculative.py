@@ -13,6 +13,7 @@ from mlx_lm.utils import load as mlx_lm_load
 from pico_vllm import EngineConfig, LLMEngine, SamplingParams
 from pico_vllm.cli import build_parser, engine_config
 from pico_vllm.config import SpeculativeConfig
+from pico_vllm.engine.scheduler import Scheduler
 from pico_vllm.engine.sequence import Sequence
 from pico_vllm.engine.speculative import MAX_PAUSE, DraftProposer, NgramProposer, accepted, after_verification
 
@@ -273,6 +274,30 @@ def test_drafting_pauses_after_failures_and_resumes_after_a_kept_draft():
     assert seq.draft_pause == MAX_PAUSE
     after_verification(seq, drafted=3, kept=1)
     assert (seq.draft_pause, seq.draft_failures) == (0, 0)
+
+
+def test_a_sequence_drafts_two_more_after_all_were_kept_and_one_fewer_after_a_rejection():
+    seq = Sequence("0", [1, 2, 3], SamplingParams(max_tokens=100))
+    limits = []
+    for drafted, kept in ((4, 4), (6, 6), (8, 3), (7, 0), (6, 1), (1, 0)):
+        after_verification(seq, drafted, kept)
+        limits.append(seq.draft_limit)
+    assert limits == [6, 8, 7, 6, 5, 1]
+
+    class Asked(DraftProposer):
+        """Drafts as many tokens as the scheduler asks for."""
+
+        def propose(self, seq: Sequence, k: int) -> list[int]:
+            return [9] * k
+
+    config = EngineConfig(num_blocks=16, block_size=8, max_model_len=128, speculative_config=NGRAM)
+    scheduler = Scheduler(config, proposer=Asked(config.speculative))
+    seq = Sequence("1", [1, 2, 3], SamplingParams(max_tokens=100))
+    scheduler.add_sequence(seq)
+    scheduler.advance(scheduler.schedule(), [])  # the prompt
+    seq.append_token(5)
+    seq.draft_limit = 2
+    assert scheduler.schedule().drafts[seq] == [9, 9]  # the limit, below num_speculative_tokens 4
 
 
 def test_a_workload_without_repetition_drafts_little(model):

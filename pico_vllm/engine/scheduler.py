@@ -216,12 +216,16 @@ class Scheduler:
         return 0 if seq.is_pending() else max(0, min(room, budget - 1))
 
     def _draft_room(self, seq: Sequence) -> int:
-        """The most drafts ``seq`` could verify, budget aside; 0 for a grammar's requests (their
-        tokens must follow the grammar) and for one that does not draft."""
+        """The most drafts ``seq`` could verify, budget aside: the proposer's limit, or fewer
+        where its recent drafts were rejected (``seq.draft_limit``); 0 for a grammar's requests
+        (their tokens must follow the grammar) and for one that does not draft."""
         if seq.grammar is not None:
             return 0
+        limit = self.proposer.max_drafts(seq)
+        if seq.draft_limit is not None:
+            limit = min(limit, seq.draft_limit)
         return max(0, min(
-            self.proposer.max_drafts(seq),
+            limit,
             seq.params.max_tokens - seq.num_output_tokens - 1,
             self.config.max_model_len - seq.num_tokens - 1,
         ))

@@ -75,6 +75,7 @@ class Sequence(OutputTokens):
         self.num_accepted_draft_tokens = 0
         self.draft_failures = 0
         self.draft_pause = 0
+        self.draft_limit: int | None = None  # drafts to try next step (None: the proposer's most)
 
     @property
     def block_table(self) -> list[int]:

@@ -146,10 +146,13 @@ def accepted(drafts: list[int], sampled: list[int]) -> list[int]:
 
 
 def after_verification(seq: Sequence, drafted: int, kept: int) -> None:
-    """Adapt ``seq``'s drafting: every draft rejected doubles its pause (up to ``MAX_PAUSE``
-    steps), any draft kept ends it."""
+    """Adapt ``seq``'s drafting: all ``drafted`` kept, try two more next time; some rejected,
+    one fewer (at least one); every draft rejected also doubles its pause (up to ``MAX_PAUSE``
+    steps), any draft kept ends it. (Hugging Face's heuristic for assisted generation: a
+    verified row costs time, so rows unlikely to be kept are not drafted.)"""
     if drafted == 0:
         return
+    seq.draft_limit = drafted + 2 if kept == drafted else max(1, drafted - 1)
     if kept == 0:
         pause_drafting(seq)
     else:

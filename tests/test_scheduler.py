@@ -3,6 +3,8 @@ hypothesis state machine checking the block accounting under random add/abort/st
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
@@ -11,6 +13,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 from pico_vllm.config import EngineConfig
 from pico_vllm.engine.scheduler import Scheduler
 from pico_vllm.engine.sequence import Sequence, SequenceStatus
+from pico_vllm.engine.speculative import DraftProposer, after_verification
 from pico_vllm.sampling_params import SamplingParams
 
 
@@ -207,3 +210,43 @@ class RandomSchedules(RuleBasedStateMachine):
 
 TestRandomSchedules = RandomSchedules.TestCase
 TestRandomSchedules.settings = settings(max_examples=150, stateful_step_count=30, deadline=None)
+
+
+class AskedProposer(DraftProposer):
+    """Drafts as many tokens as the scheduler asks for (their values do not matter here)."""
+
+    def propose(self, seq: Sequence, k: int) -> list[int]:
+        return [4] * k
+
+
+class RandomSchedulesWithDrafts(RandomSchedules):
+    """The same random schedules with speculative decoding: sequences draft up to 3 tokens a
+    step and each verification keeps a random number of them, rolling the rest back."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        config = replace(self.s.config, speculative_config={"method": "ngram", "num_speculative_tokens": 3})
+        self.s = Scheduler(config, proposer=AskedProposer(config.speculative))
+
+    @rule(data=st.data())
+    def one_step(self, data):
+        before = self.s.has_unfinished()
+        out = self.s.schedule()
+        assert out.num_batched_tokens <= 12
+        assert not before or out.scheduled or out.preempted
+        sampled = [x for x, n in out.scheduled
+                   if x.num_computed_tokens + n == x.num_tokens + len(out.drafts.get(x, ()))]
+        self.s.advance(out, sampled)
+        for x in sampled:
+            drafts = out.drafts.get(x, [])
+            kept = data.draw(st.integers(0, len(drafts)))
+            self.s.tokens_known(x, x.num_tokens - 1, drafts[:kept] + [3], num_rejected=len(drafts) - kept)
+            after_verification(x, len(drafts), kept)
+            assert x.num_output_tokens <= x.params.max_tokens  # drafts never overshoot max_tokens
+            assert x.num_computed_tokens == x.num_tokens - 1  # the rejected drafts' K/V rolled back
+            if x.num_output_tokens == x.params.max_tokens:
+                self.s.finish(x)
+
+
+TestRandomSchedulesWithDrafts = RandomSchedulesWithDrafts.TestCase
+TestRandomSchedulesWithDrafts.settings = settings(max_examples=150, stateful_step_count=30, deadline=None)

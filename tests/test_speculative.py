@@ -16,6 +16,7 @@ from pico_vllm.config import SpeculativeConfig
 from pico_vllm.engine.scheduler import Scheduler
 from pico_vllm.engine.sequence import Sequence
 from pico_vllm.engine.speculative import MAX_PAUSE, DraftProposer, NgramProposer, accepted, after_verification
+from tests.test_scheduler import AskedProposer
 
 NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3, "prompt_lookup_min": 1}
 
@@ -284,20 +285,14 @@ def test_a_sequence_drafts_two_more_after_all_were_kept_and_one_fewer_after_a_re
         limits.append(seq.draft_limit)
     assert limits == [6, 8, 7, 6, 5, 1]
 
-    class Asked(DraftProposer):
-        """Drafts as many tokens as the scheduler asks for."""
-
-        def propose(self, seq: Sequence, k: int) -> list[int]:
-            return [9] * k
-
     config = EngineConfig(num_blocks=16, block_size=8, max_model_len=128, speculative_config=NGRAM)
-    scheduler = Scheduler(config, proposer=Asked(config.speculative))
+    scheduler = Scheduler(config, proposer=AskedProposer(config.speculative))
     seq = Sequence("1", [1, 2, 3], SamplingParams(max_tokens=100))
     scheduler.add_sequence(seq)
     scheduler.advance(scheduler.schedule(), [])  # the prompt
     seq.append_token(5)
     seq.draft_limit = 2
-    assert scheduler.schedule().drafts[seq] == [9, 9]  # the limit, below num_speculative_tokens 4
+    assert scheduler.schedule().drafts[seq] == [4, 4]  # the limit, below num_speculative_tokens 4
 
 
 def test_a_workload_without_repetition_drafts_little(model):

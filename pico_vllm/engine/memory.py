@@ -54,9 +54,10 @@ def resolve_num_blocks(config: EngineConfig, model: nn.Module, dtype: mx.Dtype) 
         budget = metal_kv_budget(metal_working_set(), weights)
     if budget is None:
         budget = CPU_KV_CACHE_BYTES
-    num_blocks = budget // model.kv_spec.bytes_per_block(config.block_size, dtype)
+    block_bytes = model.kv_spec.bytes_per_block(config.block_size, dtype)
+    num_blocks = budget // block_bytes
     if num_blocks < 1:
         raise ValueError(f"KV memory budget of {budget} bytes holds no block of this model "
-                         f"({model.kv_spec.bytes_per_block(config.block_size, dtype)} bytes): raise "
+                         f"({block_bytes} bytes): raise "
                          "--kv-cache-bytes or give --num-blocks")
     return num_blocks

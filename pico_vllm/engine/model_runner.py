@@ -122,7 +122,8 @@ class ModelRunner:
         max_blocks = min(blocks_for(config.max_model_len, config.block_size), self.num_blocks)
         # Cascade attention for decode rows sharing leading blocks, where every layer attends over
         # its whole context (a sliding window's start moves with each row).
-        self.cascade = not config.disable_cascade_attn and all(w is None for w in self.cache.layout.windows)
+        windowed = any(w is not None for w in self.cache.layout.windows)
+        self.cascade_enabled = not config.disable_cascade_attn and not windowed
         self.graphs = None
         if config.capture_graphs != "off" and model.supports_graphs:
             self.graphs = DecodeGraphs(
@@ -247,7 +248,9 @@ class ModelRunner:
         """Cascade attention's arrays for these decode rows (``engine/cascade.py``), or None when
         cascade is off or no rows share enough blocks; a step ``padded`` for a captured graph
         pads the tables' widths to width buckets too."""
-        plan = plan_shared_prefix([t[0] for t in tables], lengths, self.block_size) if self.cascade else None
+        if not self.cascade_enabled:
+            return None
+        plan = plan_shared_prefix([t[0] for t in tables], lengths, self.block_size)
         if plan is None:
             return None
         graphs = self.graphs if padded else None

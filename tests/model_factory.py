@@ -32,6 +32,39 @@ ARCHITECTURE_EXTRAS: dict[str, dict] = {
     "gemma2": {"sliding_window": 24, "query_pre_attn_scalar": 48, "attn_logit_softcapping": 20.0,
                "final_logit_softcapping": 30.0, "tie_word_embeddings": True},
 }
+# Hybrids (issue 19): linear layers with recurrent state beside attention layers, at head_dim 16
+# (hidden size 64) and four layers. Attention every second layer where the config says so.
+LINEAR_ATTENTION = {"linear_num_value_heads": 4, "linear_num_key_heads": 2, "linear_key_head_dim": 16,
+                    "linear_value_head_dim": 16, "linear_conv_kernel_dim": 4, "full_attention_interval": 2}
+HYBRID_EXTRAS: dict[str, dict] = {
+    "qwen3_next": {**LINEAR_ATTENTION, "num_experts": 4, "num_experts_per_tok": 2, "decoder_sparse_step": 1,
+                   "shared_expert_intermediate_size": 32, "mlp_only_layers": [], "moe_intermediate_size": 32,
+                   "partial_rotary_factor": 0.5},
+    "qwen3_5": {**LINEAR_ATTENTION, "rope_parameters": {"type": "default", "rope_theta": 10000.0,
+                                                        "partial_rotary_factor": 0.5}},
+    "lfm2": {"norm_eps": 1e-5, "conv_bias": False, "conv_L_cache": 3, "block_dim": 64,
+             "block_multiple_of": 16, "block_ffn_dim_multiplier": 1.0, "block_auto_adjust_ff_dim": False,
+             "block_ff_dim": 128,
+             "layer_types": ["conv", "full_attention", "conv", "full_attention"]},
+    "falcon_h1": {"mamba_d_conv": 4, "mamba_d_head": 16, "mamba_d_ssm": 64, "mamba_d_state": 16,
+                  "mamba_n_heads": 4, "mamba_n_groups": 1, "mamba_chunk_size": 8},
+    "nemotron_h": {"attention_bias": False, "mamba_num_heads": 4, "mamba_head_dim": 16,
+                   "mamba_proj_bias": False, "ssm_state_size": 16, "conv_kernel": 4, "n_groups": 1,
+                   "mlp_bias": False, "layer_norm_epsilon": 1e-5, "use_bias": False, "use_conv_bias": True,
+                   "hybrid_override_pattern": ["M", "*", "-", "M"]},
+    "granitemoehybrid": {"attention_bias": False, "embedding_multiplier": 1.0, "attention_multiplier": 0.25,
+                         "logits_scaling": 1.0, "residual_multiplier": 1.0,
+                         "layer_types": ["mamba", "attention", "mamba", "attention"], "mamba_n_heads": 8,
+                         "mamba_d_head": 16, "mamba_proj_bias": False, "mamba_d_state": 16, "mamba_d_conv": 4,
+                         "mamba_n_groups": 1, "mamba_conv_bias": True},
+}
+ARCHITECTURE_EXTRAS |= HYBRID_EXTRAS
+# LFM2 ties its LM head to the embeddings, which peaked logits scale up, and its short
+# convolution multiplies three small projections: its layers' outputs vanish beside a token's own
+# embedding and it echoes its input token forever. Scaled, its layers decide the next token.
+WEIGHT_SCALES: dict[str, dict[str, float]] = {
+    "lfm2": {"in_proj.weight": 4.0, "out_proj.weight": 4.0, "w1.weight": 4.0, "w3.weight": 4.0},
+}
 
 
 def make_random_model(
@@ -81,9 +114,10 @@ def save_random_model(
     directory: Path, config: dict, *, logit_scale: float = 8.0, seed: int = 0, max_parameters: int = 10**7
 ) -> Path:
     """Build mlx-lm's model for exactly ``config`` with random weights, scale its output projection
-    by ``logit_scale`` (peaked logits: top-1 margins dwarf fp32 rounding), and save it with the
-    tiny tokenizer under ``directory``. A config that still makes a big model is refused before
-    anything is computed (MLX arrays are lazy until saved)."""
+    by ``logit_scale`` (peaked logits: top-1 margins dwarf fp32 rounding) and the weights
+    ``WEIGHT_SCALES`` names, and save it with the tiny tokenizer under ``directory``. A config
+    that still makes a big model is refused before anything is computed (MLX arrays are lazy
+    until saved)."""
     module = importlib.import_module(f"mlx_lm.models.{config['model_type']}")
     mx.random.seed(seed)
     model = module.Model(module.ModelArgs.from_dict(config))
@@ -95,6 +129,9 @@ def save_random_model(
         k for k in params if k.endswith("embed_tokens.weight")]
     for name in head:
         params[name] = params[name] * logit_scale
+    for suffix, factor in WEIGHT_SCALES.get(config["model_type"], {}).items():
+        for name in [k for k in params if k.endswith(suffix)]:
+            params[name] = params[name] * factor
     directory.mkdir(parents=True, exist_ok=True)
     mx.save_safetensors(str(directory / "model.safetensors"), params)
     (directory / "config.json").write_text(json.dumps(config, indent=2))

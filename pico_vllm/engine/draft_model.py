@@ -54,6 +54,10 @@ class DraftModelProposer(DraftProposer):
             raise ValueError("speculative_config: a draft model under tensor parallelism is not "
                              "supported yet (ngram is)")
         draft = load(config.model, engine.dtype, engine.model_impl)
+        if draft.model.state_spec is not None:
+            raise ValueError(f"speculative_config: the draft model {config.model!r} is a hybrid "
+                             "(linear layers with recurrent state), whose drafts cannot be rolled "
+                             "back yet; use an attention-only draft or ngram")
         if draft.tokenizer.get_vocab() != target.tokenizer.get_vocab():
             raise ValueError(f"speculative_config: the draft model {config.model!r} has another "
                              "vocabulary than the target; drafts must be the target's tokens")

@@ -116,8 +116,14 @@ class LLMEngine:
         num_blocks = resolve_num_blocks(config, self.model, loaded.dtype)  # of this rank's shard
         if self.group is not None:  # every rank must run the same schedule: the same pool size
             num_blocks = distributed.smallest(num_blocks, self.group)
-        # Resolved once, here: everything after reads these sizes from self.config.
-        self.config = replace(config, num_blocks=num_blocks, max_model_len=max_model_len)
+        hybrid = self.model.state_spec is not None
+        if hybrid:
+            _check_hybrid(config)
+        # Resolved once, here: everything after reads these sizes from self.config. A hybrid's
+        # prefixes are always computed: its linear layers' state at a block boundary is not
+        # cached (yet), and a hit needs it.
+        self.config = replace(config, num_blocks=num_blocks, max_model_len=max_model_len,
+                              enable_prefix_caching=config.enable_prefix_caching and not hybrid)
         config = self.config
         sampler = Sampler(self.eos_token_ids, seed=config.seed)
         self.runner = ModelRunner(self.model, config, sampler, loaded.dtype)
@@ -157,6 +163,9 @@ class LLMEngine:
         token_ids = self._tokenize(prompt)
         self._check_vocabulary("stop_token_ids", params.stop_token_ids)
         seq = Sequence(request_id, token_ids, params)
+        if params.prediction is not None and self.model.state_spec is not None:
+            raise ValueError("prediction: a hybrid model's linear layers cannot roll back rejected "
+                             "drafts yet, so Predicted Outputs are not served for this model")
         if params.prediction is not None:
             seq.prediction = self._prediction_tokens(params.prediction)
         if params.structured_outputs is not None:  # an invalid schema or regex is a ValueError
@@ -386,6 +395,14 @@ class LLMEngine:
             raise ValueError("prompt is empty")
         self._check_vocabulary("prompt token ids", prompt)
         return list(prompt)
+
+
+def _check_hybrid(config: EngineConfig) -> None:
+    """What a hybrid model (linear layers with recurrent state) is not served with yet."""
+    if config.speculative_config is not None:
+        raise ValueError("speculative decoding needs rejected drafts rolled back, which a hybrid "
+                         "model's linear-layer state cannot be yet: serve it without "
+                         "speculative_config")
 
 
 def _unwrap_prompt_dict(prompt: Prompt) -> str | list[int]:

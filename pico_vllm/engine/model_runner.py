@@ -102,7 +102,7 @@ class PendingStep:
 def decode_graph_arrays(input_ids: mx.array, positions: mx.array, meta: AttentionMetadata) -> list[mx.array]:
     """A decode-only step's arrays, flat, as ``ModelRunner._decode_step`` (a graph) takes them."""
     return [input_ids, positions, meta.slot_blocks, meta.slot_offsets, meta.block_tables, meta.context_lens,
-            *(meta.shared_prefix or ())]
+            meta.state_slots, *(meta.shared_prefix or ())]
 
 
 class ModelRunner:
@@ -116,7 +116,10 @@ class ModelRunner:
         self.block_size = config.block_size
         self.num_blocks = config.num_blocks
         spec: KVSpec = model.kv_spec
-        self.cache = KVCache(spec, self.num_blocks, config.block_size, dtype)
+        # A hybrid model's linear layers keep one state slot per running sequence (the scheduler
+        # admits at most max_num_seqs and hands out Sequence.state_slot).
+        self.cache = KVCache(spec, self.num_blocks, config.block_size, dtype, model.state_spec,
+                             config.max_num_seqs)
         # On a Mac: self-check the decode kernel's instance now, before any graph is traced.
         prepare_paged_attention(dtype, spec.num_q_heads, spec.num_kv_heads, spec.head_dim, config.block_size)
         max_blocks = min(blocks_for(config.max_model_len, config.block_size), self.num_blocks)
@@ -228,14 +231,27 @@ class ModelRunner:
         return input_ids
 
     def _decode_step(self, input_ids, positions, slot_blocks, slot_offsets, block_tables, context_lens,
-                     *shared_prefix):
+                     state_slots, *shared_prefix):
         """One decode token per row -> ``(logits[B, V], argmax[B])``; what the graphs capture
         (``decode_graph_arrays``: ``mx.compile`` takes arrays, not a metadata tuple).
         ``shared_prefix``: the four arrays of a ``SharedPrefix``, or none."""
         shared = SharedPrefix(*shared_prefix) if shared_prefix else None
-        meta = AttentionMetadata(slot_blocks, slot_offsets, block_tables, context_lens, shared_prefix=shared)
+        meta = AttentionMetadata(slot_blocks, slot_offsets, block_tables, context_lens, shared_prefix=shared,
+                                 state_slots=state_slots)
         logits = self.model(input_ids, positions, self.cache, meta).astype(mx.float32)
         return logits, mx.argmax(logits, axis=-1)
+
+    @property
+    def _scratch_slot(self) -> int:
+        return 0 if self.cache.states is None else self.cache.states.scratch_slot
+
+    def _state_slot(self, seq: Sequence) -> int:
+        """``seq``'s slot in the state pool (any number for a model without one)."""
+        if seq.state_slot is None:
+            if self.cache.states is not None:
+                raise ValueError(f"{seq.request_id!r} was scheduled without a state slot")
+            return 0
+        return seq.state_slot
 
     def _tables(self, seq: Sequence, num_blocks: int) -> np.ndarray:
         """``seq``'s first ``num_blocks`` blocks in every layer group, ``[G, num_blocks]``; a block a
@@ -274,7 +290,7 @@ class ModelRunner:
         drafts = drafts or {}
         bs, groups, scratch = self.block_size, len(self.cache.layout.windows), self.cache.scratch_block
         ids, pos, slot_blocks = [], [], []
-        decode_tables, decode_lens, prefills = [], [], []
+        decode_tables, decode_lens, decode_slots, prefills = [], [], [], []
         start = 0
         for seq, n in batch:
             first = seq.num_computed_tokens
@@ -288,8 +304,9 @@ class ModelRunner:
             if n == 1:
                 decode_tables.append(table)
                 decode_lens.append(context_len)
+                decode_slots.append(self._state_slot(seq))
             else:
-                prefills.append(PrefillChunk(start, n, context_len, mx.array(table)))
+                prefills.append(PrefillChunk(start, n, context_len, mx.array(table), self._state_slot(seq)))
             start += n
         padding = (rows or len(batch)) - len(batch)
         if padding and prefills:
@@ -312,5 +329,6 @@ class ModelRunner:
             prefills=tuple(prefills),
             shared_prefix=self._shared_prefix(decode_tables, decode_lens, num_decode,
                                               padded=rows is not None),
+            state_slots=mx.array(np.asarray(decode_slots + [self._scratch_slot] * padding, dtype=np.int32)),
         )
         return mx.array(np.concatenate(ids)), mx.array(positions), meta

@@ -67,7 +67,15 @@ class Scheduler:
         )
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order
+        # Each running sequence holds one state slot (a hybrid model's state pool has
+        # max_num_seqs of them): taken at admission, given back when it stops running.
+        self._free_slots = list(range(config.max_num_seqs - 1, -1, -1))
         self.proposer = proposer or DraftProposer(config.speculative)
+
+    @property
+    def num_free_state_slots(self) -> int:
+        """State slots no running sequence holds (a hybrid model's state pool has one per slot)."""
+        return len(self._free_slots)
 
     @property
     def num_waiting(self) -> int:
@@ -138,6 +146,7 @@ class Scheduler:
                 break
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
+            seq.state_slot = self._free_slots.pop()
             self.running.append(seq)
             out.scheduled.append((seq, n))
             budget -= n
@@ -171,6 +180,7 @@ class Scheduler:
         elif seq in self.waiting:
             self.waiting.remove(seq)
         self.block_manager.free(seq)  # num_cached_tokens stays: it is reported in the output
+        self._give_back_slot(seq)
         seq.status = SequenceStatus.FINISHED
 
     def abort(self, request_id: str) -> bool:
@@ -248,7 +258,13 @@ class Scheduler:
         seq.status = SequenceStatus.PREEMPTED
         self.waiting.appendleft(seq)
 
+    def _give_back_slot(self, seq: Sequence) -> None:
+        if seq.state_slot is not None:
+            self._free_slots.append(seq.state_slot)
+            seq.state_slot = None
+
     def _release(self, seq: Sequence) -> None:
+        self._give_back_slot(seq)
         self.block_manager.free(seq)
         seq.num_computed_tokens = seq.num_cached_tokens = 0
         seq.draft_kv_tokens = []

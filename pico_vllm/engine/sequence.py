@@ -65,6 +65,8 @@ class Sequence(OutputTokens):
         # what the prefix cache files a block under, whichever group's block it is.
         self.block_hashes: list[bytes] = []
         self.status = SequenceStatus.WAITING
+        # A hybrid model's: the state-pool slot its linear layers' state lives in while it runs.
+        self.state_slot: int | None = None
         # An llguidance matcher following the output, for a request with structured outputs.
         self.grammar = None
         # Speculative decoding: the client's predicted output tokens (a draft source), drafts

@@ -29,6 +29,7 @@ class PrefillChunk(NamedTuple):
     query_len: int  # tokens in the chunk
     context_len: int  # tokens of this sequence in the pool after the step (prefix + chunk)
     block_table: mx.array  # [G, ceil(context_len / block_size)] int32, one row per layer group
+    state_slot: int = 0  # a hybrid model's: the sequence's slot in the state pool
 
 
 class SharedPrefix(NamedTuple):
@@ -62,6 +63,7 @@ class AttentionMetadata(NamedTuple):
     context_lens: mx.array  # [B] int32, the query token included; 0 marks a padding row
     prefills: tuple[PrefillChunk, ...] = ()
     shared_prefix: SharedPrefix | None = None  # decode rows sharing leading blocks, if any
+    state_slots: mx.array | None = None  # [B] int32: a hybrid model's state-pool slot per decode row
 
     @property
     def num_decode_tokens(self) -> int:

@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import mlx.core as mx
 
+from pico_vllm.layers.state_pool import StatePool, StateSpec
+
 if TYPE_CHECKING:
     from pico_vllm.layers.attention import AttentionMetadata
 
@@ -68,12 +70,16 @@ class KVCache:
     ever owns it, and the padding rows of a compiled decode step write there.
 
     ``state`` is one list that lives as long as the pool: slot ``s``'s keys are ``state[s]``,
-    its values ``state[slots + s]``. Writes update those arrays in place (``pool[idx] = kv``
-    donates the old buffer to the scatter, so a step costs O(tokens written), never a copy of the
-    pool), which is what lets ``mx.compile`` take the list as the graph's state.
+    its values ``state[slots + s]``, then a hybrid model's recurrent state (``states``). Writes
+    update those arrays in place (``pool[idx] = kv`` donates the old buffer to the scatter, so a
+    step costs O(tokens written), never a copy of the pool), which is what lets ``mx.compile``
+    take the list as the graph's state.
     """
 
-    def __init__(self, spec: KVSpec, num_blocks: int, block_size: int, dtype: mx.Dtype) -> None:
+    def __init__(self, spec: KVSpec, num_blocks: int, block_size: int, dtype: mx.Dtype,
+                 state_spec: StateSpec | None = None, num_state_slots: int = 0) -> None:
+        """``state_spec``: a hybrid model's recurrent state per sequence, held in
+        ``num_state_slots`` slots of :attr:`states` (see ``state_pool.py``)."""
         self.layout = spec.layout
         shape = (spec.num_kv_heads, num_blocks + 1, block_size, spec.head_dim)
         self.state = [mx.zeros(shape, dtype) for _ in range(2 * self.layout.slots)]
@@ -81,6 +87,7 @@ class KVCache:
         self.scratch_block = num_blocks
         self._heads = mx.arange(spec.num_kv_heads)[:, None]
         mx.eval(self.state, self._heads)
+        self.states = None if state_spec is None else StatePool(state_spec, num_state_slots, self.state)
 
     def group(self, layer: int) -> int:
         """The layer group whose block tables ``layer`` reads (``AttentionMetadata``'s first axis)."""

@@ -135,6 +135,7 @@ class Model(nn.Module):
     # Whether the file applies a checkpoint's sliding window (else a binding window is refused).
     implements_sliding_window = False
     supports_graphs = True  # decode steps can be captured with mx.compile
+    state_spec = None  # no linear layers: nothing beside the KV pool (see layers/state_pool.py)
 
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()

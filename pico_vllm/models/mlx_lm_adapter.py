@@ -25,8 +25,12 @@ runs on those rows alone.
 
 At load, one probe forward of one token (:func:`probe`) records what every layer does: the shape
 of the K/V it writes, its query heads, its window and sinks. A layer that writes no K/V, attends
-twice, passes a mask of its own, or keeps recurrent state instead of K/V is an error at load
-that names it: a model this adapter cannot run exactly is never served approximately.
+twice, passes a mask of its own, or keeps latent or chunked attention is an error at load that
+names it: a model this adapter cannot run exactly is never served approximately.
+
+A hybrid model's linear layers (recurrent state instead of K/V) get their state from the state
+pool: a first probe (:func:`probe_states`) finds the module that runs each one's recurrence and
+``mlx_lm_state.py`` regroups the flat batch into sequences for it.
 """
 
 from __future__ import annotations
@@ -39,11 +43,13 @@ from typing import Any, NamedTuple
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.base import scaled_dot_product_attention as mlx_lm_sdpa
-from mlx_lm.models.cache import KVCache as MlxLmKVCache
-from mlx_lm.models.cache import RotatingKVCache, make_prompt_cache
+from mlx_lm.models.cache import RotatingKVCache
 
 from pico_vllm.layers.attention import AttentionMetadata, AttentionVariant, attend
 from pico_vllm.layers.kv_cache import KVCache, KVSpec
+from pico_vllm.layers.state_pool import StateSpec
+from pico_vllm.models.mlx_lm_caches import CacheEntry, build_views, cache_layout, flat
+from pico_vllm.models.mlx_lm_state import ProbeStateView, StateView, route_mixers
 
 logger = logging.getLogger("pico_vllm.models")
 
@@ -178,10 +184,11 @@ class MlxLmModel(nn.Module):
         super().__init__()
         self.model = model
         self.model_type = model_type
-        self._num_layers = len(kv_caches(model, model_type))
-        _route(model, model_type, self._num_layers)
-        self.plan, self.vocab_size = probe(model, model_type, self._num_layers)
-        self.supports_graphs = _traces_under_compile(model, self._num_layers)
+        self.layout, self._kv_kinds = cache_layout(model, model_type)
+        _route(model, model_type, len(self._kv_kinds))
+        self.state_spec = probe_states(model, model_type, self.layout)  # None: no linear layers
+        self.plan, self.vocab_size = probe(model, model_type, self.layout, self._kv_kinds)
+        self.supports_graphs = _traces_under_compile(model, self.layout)
 
     def __call__(
         self,
@@ -191,10 +198,22 @@ class MlxLmModel(nn.Module):
         meta: AttentionMetadata,
         logit_rows: mx.array | None = None,
     ) -> mx.array:
-        views = [LayerView(i, positions, cache, meta) for i in range(self._num_layers)]
-        logits = self.model(input_ids[:, None], cache=StepCaches(views, logit_rows))
+        views, states = [], []
+
+        def kv_view(layer: int) -> LayerView:
+            views.append(LayerView(layer, positions, cache, meta))
+            return views[-1]
+
+        def state_view(entry: CacheEntry) -> StateView:
+            states.append(StateView(entry.index, cache.states, meta))
+            return states[-1]
+
+        caches = StepCaches(build_views(self.layout, kv_view, state_view), logit_rows)
+        logits = self.model(input_ids[:, None], cache=caches)
         for view in views:  # what the probe checked, kept true at every trace
             assert view.writes == 1 and view.attends == 1, (view.layer, view.writes, view.attends)
+        for view in states:
+            assert view.calls == 1, (view.layer, view.calls)
         return logits[:, 0]
 
     @property
@@ -212,21 +231,41 @@ class MlxLmModel(nn.Module):
         if not hasattr(self.model, "shard"):
             raise ValueError(f"mlx-lm's {self.model_type!r} model has no shard(): it cannot be split "
                              "over ranks (tensor parallelism)")
+        if self.state_spec is not None:
+            raise ValueError(f"mlx-lm's {self.model_type!r} keeps recurrent state in its linear layers, "
+                             "which tensor parallelism does not split yet: serve it on one rank")
         self.model.shard(group)
         mx.eval(self.model.parameters())
-        self.plan, _ = probe(self.model, self.model_type, self._num_layers)
+        self.plan, _ = probe(self.model, self.model_type, self.layout, self._kv_kinds)
 
 
-def kv_caches(model: nn.Module, model_type: str) -> list:
-    """mlx-lm's caches for ``model``, one per attention layer; ValueError for a layer that keeps
-    anything else (recurrent state, latent attention, chunked attention)."""
-    caches = make_prompt_cache(model)
-    for layer, cache in enumerate(caches):
-        if not isinstance(cache, (MlxLmKVCache, RotatingKVCache)):
-            raise ValueError(f"mlx-lm's {model_type!r} layer {layer} keeps a {type(cache).__name__}, "
-                             "not a K/V cache (recurrent or latent state, chunked attention), which "
-                             "the paged engine does not hold yet")
-    return caches
+def probe_views(layout: list) -> tuple[list, list[ProbeView], list[ProbeStateView]]:
+    """Recording views for a probe forward: the cache list, and its attention and linear views."""
+    kv, states = [], []
+
+    def kv_view(layer: int) -> ProbeView:
+        kv.append(ProbeView(layer))
+        return kv[-1]
+
+    def state_view(entry: CacheEntry) -> ProbeStateView:
+        states.append(ProbeStateView(entry.index, entry.size))
+        return states[-1]
+
+    return build_views(layout, kv_view, state_view), kv, states
+
+
+def probe_states(model: nn.Module, model_type: str, layout: list) -> StateSpec | None:
+    """For a hybrid model: find each linear layer's mixer in one probe forward, route it
+    (``mlx_lm_state.py``) and return the state a sequence needs; None for a model without."""
+    if not any(e.kind == "state" for e in flat(layout)):
+        return None
+    views, _, states = probe_views(layout)
+    try:
+        model(mx.zeros((2, 1), mx.int32), cache=StepCaches(views, None))
+    except Exception as e:
+        raise ValueError(f"mlx-lm's {model_type!r} model does not run on the paged engine's layer "
+                         f"views: {type(e).__name__}: {e}") from e
+    return route_mixers(model_type, states)
 
 
 def _route(model: nn.Module, model_type: str, num_layers: int) -> None:
@@ -263,12 +302,12 @@ def _backbone(model: nn.Module, model_type: str) -> nn.Module:
     raise ValueError(f"mlx-lm's {model_type!r} model has no module holding its decoder layers")
 
 
-def _traces_under_compile(model: nn.Module, num_layers: int) -> bool:
+def _traces_under_compile(model: nn.Module, layout: list) -> bool:
     """Whether ``mx.compile`` can capture the forward: some mlx-lm models read arrays back to
     Python inside it (DBRX's experts: ``.tolist()``), which only runs eagerly."""
 
     def forward(tokens: mx.array) -> mx.array:
-        return model(tokens, cache=StepCaches([ProbeView(i) for i in range(num_layers)], None))
+        return model(tokens, cache=StepCaches(probe_views(layout)[0], None))
 
     try:
         mx.compile(forward)(mx.zeros((2, 1), mx.int32))
@@ -281,15 +320,14 @@ def _traces_under_compile(model: nn.Module, num_layers: int) -> bool:
     return True
 
 
-def probe(model: nn.Module, model_type: str, num_layers: int) -> tuple[tuple[LayerPlan, ...], int]:
-    """Run two one-token rows through ``model`` with recording views; return each layer's plan
-    and the vocabulary (the logits' width), or raise naming the first layer the paged engine
-    cannot run exactly."""
-    kinds = kv_caches(model, model_type)
+def probe(model: nn.Module, model_type: str, layout: list, kinds: list) -> tuple[tuple[LayerPlan, ...], int]:
+    """Run two one-token rows through ``model`` with recording views; return each attention
+    layer's plan and the vocabulary (the logits' width), or raise naming the first layer the
+    paged engine cannot run exactly. ``kinds``: mlx-lm's K/V cache of each attention layer."""
     # Two rows, as a step has many: code that treats the positions as one number fails here.
-    views = [ProbeView(i) for i in range(num_layers)]
+    cache, views, _ = probe_views(layout)
     try:
-        logits = model(mx.zeros((2, 1), mx.int32), cache=StepCaches(views, None))
+        logits = model(mx.zeros((2, 1), mx.int32), cache=StepCaches(cache, None))
     except Exception as e:  # mlx-lm code that cannot take per-row positions, or a view refusing
         raise ValueError(f"mlx-lm's {model_type!r} model does not run on the paged engine's layer "
                          f"views: {type(e).__name__}: {e}") from e

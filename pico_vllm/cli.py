@@ -289,7 +289,7 @@ def generate(args: argparse.Namespace, terminal: _Terminal) -> None:
         # errors, raised above, are printed by every rank.)
         sys.stdout = sys.stderr = open(os.devnull, "w")  # noqa: SIM115 (for the process's life)
     print(f"[pico-vllm] loaded {config.model or 'embedded SmolLM2-135M-Instruct'} in "
-          f"{time.perf_counter() - started:.1f}s", file=sys.stderr)
+          f"{time.perf_counter() - started:.1f}s; {llm.engine.memory_summary()}", file=sys.stderr)
     prompt = text
     if args.chat:
         messages = [{"role": "system", "content": args.system}] if args.system else []
@@ -428,6 +428,7 @@ def serve(args: argparse.Namespace) -> None:
     try:
         for config, name in zip(configs, names):
             engines.append(AsyncEngine(config, name, args.tool_call_parser, args.reasoning_parser))
+            print(f"[pico-vllm] {name}: {engines[-1].engine.memory_summary()}", file=sys.stderr)
         print(f"[pico-vllm] serving {', '.join(names)} on http://{args.host}:{args.port}/v1", file=sys.stderr)
         app = create_app(engines, api_key, args.max_queue, args.rate_limit, args.max_request_bytes,
                          args.allowed_origins, args.max_concurrent_per_key)

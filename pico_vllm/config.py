@@ -25,8 +25,9 @@ class EngineConfig:
             ``"float32" | "float16" | "bfloat16"``.
         block_size: tokens per KV block (8, 16 or 32).
         num_blocks: KV blocks in the pool; ``None`` derives it from ``kv_cache_bytes``.
-        kv_cache_bytes: KV memory budget; ``None`` means the Metal recommended working set
-            minus the weights, or 512 MiB on the CPU (``CPU_KV_CACHE_BYTES``).
+        kv_cache_bytes: KV memory budget (a hybrid model's state pool included); ``None`` means
+            the Metal recommended working set minus the weights, or 512 MiB on the CPU
+            (``CPU_KV_CACHE_BYTES``).
         max_num_seqs: most sequences running at once.
         max_num_batched_tokens: token budget of one step (decode tokens + prefill chunks).
         max_model_len: longest prompt + output; ``None`` takes the model's own limit.

@@ -86,6 +86,18 @@ def test_the_state_pool_holds_each_linear_layers_arrays_per_slot(hybrid):
     states = engine.runner.cache.states
     assert states.num_slots == SMALL["max_num_seqs"] and states.nbytes == 4 * spec.bytes_per_sequence
     assert engine.model.kv_spec.num_layers == 2  # only the attention layers have K/V blocks
+    assert "state pool: 3 sequences x 11.0 KiB (2 linear layers; 0.0 MiB" in engine.memory_summary()
+
+
+def test_the_state_pool_is_paid_for_out_of_the_kv_budget(hybrid):
+    path, seqs = str(hybrid("qwen3_next")), SMALL["max_num_seqs"]
+    engine = LLMEngine(EngineConfig(model=path, max_num_seqs=seqs, kv_cache_bytes=10**6))
+    states = (seqs + 1) * engine.model.state_spec.bytes_per_sequence
+    block = engine.model.kv_spec.bytes_per_block(16, mx.float32)
+    assert engine.config.num_blocks == (10**6 - states) // block
+    with pytest.raises(ValueError, match=r", of which the state pool takes 45056 \(3 sequences\), holds no "
+                                         r"block.*lower --max-num-seqs"):
+        LLMEngine(EngineConfig(model=path, max_num_seqs=seqs, kv_cache_bytes=states + block - 1))
 
 
 def test_hybrid_prefix_is_recomputed_never_taken_from_the_cache(hybrid, oracles):

@@ -203,6 +203,20 @@ class LLMEngine:
         return SchedulerStats(len(self.scheduler.running), self.scheduler.num_waiting, manager.num_blocks,
                               manager.num_blocks - manager.num_free_blocks)
 
+    def memory_summary(self) -> str:
+        """The pools' sizes, as start-up prints them: KV blocks and, for a hybrid model, the
+        state slots and each sequence's state."""
+        cache, config = self.runner.cache, self.config
+        kv = sum(a.nbytes for a in cache.state) - (cache.states.nbytes if cache.states else 0)
+        text = (f"KV pool: {config.num_blocks} blocks of {config.block_size} tokens "
+                f"({kv / 2**20:.1f} MiB)")
+        if cache.states is not None:
+            per_seq = cache.states.spec.bytes_per_sequence
+            text += (f"; state pool: {cache.states.num_slots} sequences x {per_seq / 2**10:.1f} KiB "
+                     f"({len(cache.states.spec.layers)} linear layers; {cache.states.nbytes / 2**20:.1f} "
+                     "MiB with the scratch slot); prefix caching off (no state snapshots yet)")
+        return text
+
     def reset_prefix_cache(self) -> None:
         """Forget every cached prefix block that no request holds (vLLM's ``reset_prefix_cache``):
         the next prompt computes its KV again, as on a fresh engine."""

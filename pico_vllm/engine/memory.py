@@ -44,8 +44,16 @@ def metal_working_set() -> int:
     return info["max_recommended_working_set_size"]
 
 
+def state_pool_bytes(config: EngineConfig, model: nn.Module) -> int:
+    """Bytes a hybrid model's state pool takes: a slot per running sequence and the scratch
+    slot (``layers/state_pool.py``); 0 for a model without linear layers."""
+    spec = model.state_spec
+    return 0 if spec is None else (config.max_num_seqs + 1) * spec.bytes_per_sequence
+
+
 def resolve_num_blocks(config: EngineConfig, model: nn.Module, dtype: mx.Dtype) -> int:
-    """Blocks in the pool: ``config.num_blocks``, else the KV memory budget / bytes per block."""
+    """Blocks in the pool: ``config.num_blocks``, else what the KV memory budget leaves after a
+    hybrid's state pool, / bytes per block."""
     if config.num_blocks is not None:
         return config.num_blocks
     budget = config.kv_cache_bytes
@@ -54,10 +62,12 @@ def resolve_num_blocks(config: EngineConfig, model: nn.Module, dtype: mx.Dtype) 
         budget = metal_kv_budget(metal_working_set(), weights)
     if budget is None:
         budget = CPU_KV_CACHE_BYTES
+    states = state_pool_bytes(config, model)
     block_bytes = model.kv_spec.bytes_per_block(config.block_size, dtype)
-    num_blocks = budget // block_bytes
+    num_blocks = (budget - states) // block_bytes
     if num_blocks < 1:
-        raise ValueError(f"KV memory budget of {budget} bytes holds no block of this model "
-                         f"({block_bytes} bytes): raise "
-                         "--kv-cache-bytes or give --num-blocks")
+        left = f", of which the state pool takes {states} ({config.max_num_seqs} sequences)," * bool(states)
+        raise ValueError(f"KV memory budget of {budget} bytes{left} holds no block of this model "
+                         f"({block_bytes} bytes): raise --kv-cache-bytes"
+                         + (", lower --max-num-seqs" if states else "") + " or give --num-blocks")
     return num_blocks

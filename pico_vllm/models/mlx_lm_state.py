@@ -114,6 +114,10 @@ class StateView:
             if isinstance(value, mx.array) and value.ndim >= 2 and value.shape[:2] == (tokens, 1):
                 piece = value[start : start + n]
                 return piece if rows else piece.swapaxes(0, 1)  # [n, 1, ...] -> [1, n, ...]
+            if isinstance(value, mx.array) and value.shape == (tokens,):
+                # Per-token positions (a rotary offset some models pass their linear layers):
+                # one per row, or a chunk's first as its sequence's offset.
+                return value[start : start + n] if rows else value[start : start + 1]
             return value
 
         outputs = []

@@ -34,6 +34,7 @@ class _DraftView:
     token_ids: list[int]
     num_computed_tokens: int
     block_tables: list[list[int]]
+    state_slot: int | None = None  # a draft model has no state pool (hybrid drafts are refused)
 
 
 class DraftModelProposer(DraftProposer):

@@ -48,7 +48,7 @@ def state_pool_bytes(config: EngineConfig, model: nn.Module) -> int:
     """Bytes a hybrid model's state pool takes: a slot per running sequence and the scratch
     slot (``layers/state_pool.py``); 0 for a model without linear layers."""
     spec = model.state_spec
-    return 0 if spec is None else (config.max_num_seqs + 1) * spec.bytes_per_sequence
+    return 0 if spec is None else spec.pool_bytes(config.max_num_seqs)
 
 
 def resolve_num_blocks(config: EngineConfig, model: nn.Module, dtype: mx.Dtype) -> int:

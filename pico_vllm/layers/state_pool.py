@@ -43,6 +43,10 @@ class StateSpec(NamedTuple):
     def bytes_per_sequence(self) -> int:
         return sum(math.prod(a.shape) * a.dtype.size for layer in self.layers for a in layer)
 
+    def pool_bytes(self, num_slots: int) -> int:
+        """Bytes a :class:`StatePool` of ``num_slots`` slots takes (its scratch slot included)."""
+        return (num_slots + 1) * self.bytes_per_sequence
+
 
 class StatePool:
     """Per linear layer and array, ``[num_slots + 1, *shape]``; the last slot is the scratch slot
@@ -64,7 +68,7 @@ class StatePool:
 
     @property
     def nbytes(self) -> int:
-        return (self.num_slots + 1) * self.spec.bytes_per_sequence
+        return self.spec.pool_bytes(self.num_slots)
 
     def read(self, layer: int, array: int, slots: mx.array) -> mx.array:
         """Array ``array`` of linear layer ``layer`` for ``slots[n]``: ``[n, *shape]``."""

@@ -260,12 +260,18 @@ def probe_states(model: nn.Module, model_type: str, layout: list) -> StateSpec |
     if not any(e.kind == "state" for e in flat(layout)):
         return None
     views, _, states = probe_views(layout)
+    _probe_forward(model, model_type, views)
+    return route_mixers(model_type, states)
+
+
+def _probe_forward(model: nn.Module, model_type: str, views: list) -> mx.array:
+    """Two one-token rows through ``model`` with recording ``views`` (as a step has many rows:
+    code that treats the positions as one number fails here); its logits."""
     try:
-        model(mx.zeros((2, 1), mx.int32), cache=StepCaches(views, None))
-    except Exception as e:
+        return model(mx.zeros((2, 1), mx.int32), cache=StepCaches(views, None))
+    except Exception as e:  # mlx-lm code that cannot take per-row positions, or a view refusing
         raise ValueError(f"mlx-lm's {model_type!r} model does not run on the paged engine's layer "
                          f"views: {type(e).__name__}: {e}") from e
-    return route_mixers(model_type, states)
 
 
 def _route(model: nn.Module, model_type: str, num_layers: int) -> None:
@@ -324,13 +330,8 @@ def probe(model: nn.Module, model_type: str, layout: list, kinds: list) -> tuple
     """Run two one-token rows through ``model`` with recording views; return each attention
     layer's plan and the vocabulary (the logits' width), or raise naming the first layer the
     paged engine cannot run exactly. ``kinds``: mlx-lm's K/V cache of each attention layer."""
-    # Two rows, as a step has many: code that treats the positions as one number fails here.
     cache, views, _ = probe_views(layout)
-    try:
-        logits = model(mx.zeros((2, 1), mx.int32), cache=StepCaches(cache, None))
-    except Exception as e:  # mlx-lm code that cannot take per-row positions, or a view refusing
-        raise ValueError(f"mlx-lm's {model_type!r} model does not run on the paged engine's layer "
-                         f"views: {type(e).__name__}: {e}") from e
+    logits = _probe_forward(model, model_type, cache)
     plans = []
     for view, kind in zip(views, kinds):
         where = f"mlx-lm's {model_type!r} layer {view.layer}"

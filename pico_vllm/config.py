@@ -32,6 +32,10 @@ class EngineConfig:
         max_num_batched_tokens: token budget of one step (decode tokens + prefill chunks).
         max_model_len: longest prompt + output; ``None`` takes the model's own limit.
         enable_prefix_caching: reuse KV blocks of identical prompt prefixes.
+        num_state_snapshots: a hybrid model's prefix cache: state-pool slots holding its linear
+            layers' state at a block boundary, which a prompt with that prefix resumes from (each
+            as large as a sequence's state); ``None`` means ``max_num_seqs``, 0 computes every
+            hybrid prompt in full. Models without linear layers have none.
         capture_graphs: decode-only steps run through graphs captured with ``mx.compile``,
             one per (batch, block-table width) bucket: ``"lazy"`` traces a bucket's graph on its
             first step, ``"startup"`` traces all of them when the engine starts (as vLLM
@@ -63,6 +67,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048
     max_model_len: int | None = None
     enable_prefix_caching: bool = True
+    num_state_snapshots: int | None = None
     enforce_eager: bool = False
     capture_graphs: str = "lazy"
     disable_cascade_attn: bool = False
@@ -86,6 +91,8 @@ class EngineConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
+        if self.num_state_snapshots is not None and self.num_state_snapshots < 0:
+            raise ValueError(f"num_state_snapshots must be >= 0, got {self.num_state_snapshots}")
         if self.capture_graphs not in ("off", "lazy", "startup"):
             raise ValueError(
                 f"capture_graphs must be 'off', 'lazy' or 'startup', got {self.capture_graphs!r}"

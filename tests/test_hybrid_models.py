@@ -84,33 +84,73 @@ def test_the_state_pool_holds_each_linear_layers_arrays_per_slot(hybrid):
     assert spec.layers == ((conv, delta), (conv, delta))
     assert spec.bytes_per_sequence == 2 * (3 * 128 + 4 * 16 * 16) * 4
     states = engine.runner.cache.states
-    assert states.num_slots == SMALL["max_num_seqs"] and states.nbytes == 4 * spec.bytes_per_sequence
+    # 3 sequences, 3 prefix snapshots (max_num_seqs by default) and the scratch slot.
+    assert states.num_slots == states.num_snapshots == 3 and states.nbytes == 7 * spec.bytes_per_sequence
     assert engine.model.kv_spec.num_layers == 2  # only the attention layers have K/V blocks
-    assert "state pool: 3 sequences x 11.0 KiB (2 linear layers; 0.0 MiB" in engine.memory_summary()
+    assert ("state pool: 3 sequences + 3 prefix snapshots, 11.0 KiB each (2 linear layers; 0.1 MiB with "
+            "the scratch slot); prefix hits resume from state snapshots, 11.0 KiB per cached block boundary"
+            in engine.memory_summary())
 
 
 def test_the_state_pool_is_paid_for_out_of_the_kv_budget(hybrid):
     path, seqs = str(hybrid("qwen3_next")), SMALL["max_num_seqs"]
-    engine = LLMEngine(EngineConfig(model=path, max_num_seqs=seqs, kv_cache_bytes=10**6))
-    states = (seqs + 1) * engine.model.state_spec.bytes_per_sequence
+    engine = LLMEngine(EngineConfig(model=path, max_num_seqs=seqs, kv_cache_bytes=10**6, num_state_snapshots=2))
+    states = (seqs + 2 + 1) * engine.model.state_spec.bytes_per_sequence
     block = engine.model.kv_spec.bytes_per_block(16, mx.float32)
     assert engine.config.num_blocks == (10**6 - states) // block
-    with pytest.raises(ValueError, match=r", of which the state pool takes 45056 \(3 sequences\), holds no "
-                                         r"block.*lower --max-num-seqs"):
-        LLMEngine(EngineConfig(model=path, max_num_seqs=seqs, kv_cache_bytes=states + block - 1))
+    with pytest.raises(ValueError, match=r", of which the state pool takes 67584 \(3 sequences, 2 snapshots\), "
+                                         r"holds no block.*lower --max-num-seqs or --num-state-snapshots"):
+        LLMEngine(EngineConfig(model=path, max_num_seqs=seqs, kv_cache_bytes=states + block - 1,
+                               num_state_snapshots=2))
 
 
-def test_hybrid_prefix_is_recomputed_never_taken_from_the_cache(hybrid, oracles):
-    """Without a state snapshot at the block boundary a cached prefix cannot resume a linear
-    layer, so a hybrid engine computes every prompt in full, and gets the same tokens again."""
-    engine = LLMEngine(EngineConfig(model=str(hybrid("lfm2")), **SMALL))
-    assert not engine.config.enable_prefix_caching
-    prompt = prompts_for(engine.vocab_size, [40], seed=3)[0]
-    first = run(engine, [prompt])
-    again = run(engine, [prompt, prompt])
-    assert engine.stats.cached_prompt_tokens == 0
-    assert [o.token_ids for o in again] == [first[0].token_ids] * 2
-    check_against_oracle(first, [prompt], oracles["lfm2"], MAX_TOKENS)
+@pytest.mark.parametrize("arch", HYBRIDS)
+def test_a_second_turn_resumes_from_a_state_snapshot(hybrid, oracles, arch):
+    """Turn 1 leaves snapshots where its prompt's last full block ends (32: its one chunk is cut
+    there, the rest follows) and where decoding ended a block (48); a second turn resumes at 48,
+    prompts sharing turn 1's prompt at 32, with the tokens and logprobs of computing them all."""
+    path = str(hybrid(arch))
+    engine = LLMEngine(EngineConfig(model=path, **SMALL | dict(max_num_batched_tokens=64)))
+    assert engine.config.enable_prefix_caching and engine.config.num_state_snapshots == 3
+    first_prompt, *suffixes = prompts_for(engine.vocab_size, [40, 7, 9, 3], seed=3)
+    (first,) = run(engine, [first_prompt], max_tokens=10)
+    assert engine.scheduler.block_manager.snapshots.num_filed == 2
+    second_turn = first_prompt + first.token_ids + suffixes[0]
+    prompts = [second_turn, first_prompt + suffixes[1], first_prompt + suffixes[2]]
+    outputs = run(engine, prompts)
+    assert [o.num_cached_tokens for o in outputs] == [48, 32, 32]
+    check_against_oracle([first], [first_prompt], oracles[arch], 10)
+    check_against_oracle(outputs, prompts, oracles[arch], MAX_TOKENS)
+    uncached = LLMEngine(EngineConfig(model=path, **SMALL, enable_prefix_caching=False))
+    assert [o.token_ids for o in run(uncached, prompts)] == [o.token_ids for o in outputs]
+
+
+def test_a_prefix_without_its_snapshot_is_recomputed(hybrid, oracles):
+    """One snapshot slot: the state at 48 (decoding) replaces those at 16 and 32 (the prompt), so a
+    prompt sharing only the first 40 tokens has no state to resume from and computes them all;
+    evicting the cached blocks drops their snapshots too."""
+    engine = LLMEngine(EngineConfig(model=str(hybrid("lfm2")), **SMALL, num_state_snapshots=1))
+    prompt, suffix = prompts_for(engine.vocab_size, [40, 5], seed=4)
+    (first,) = run(engine, [prompt], max_tokens=10)
+    prompts = [prompt + first.token_ids + suffix, prompt + suffix]
+    outputs = [run(engine, [p])[0] for p in prompts]
+    assert [o.num_cached_tokens for o in outputs] == [48, 0]
+    assert engine.scheduler.block_manager.num_cached_blocks >= 3, "the blocks were there; the state was not"
+    check_against_oracle(outputs, prompts, oracles["lfm2"], MAX_TOKENS)
+    engine.reset_prefix_cache()
+    assert engine.scheduler.block_manager.snapshots.num_filed == 0
+    (again,) = run(engine, prompts[:1])
+    assert again.num_cached_tokens == 0 and again.token_ids == outputs[0].token_ids
+
+
+def test_hybrid_prefix_caching_off_computes_every_prompt(hybrid):
+    for off in (dict(enable_prefix_caching=False), dict(num_state_snapshots=0)):
+        engine = LLMEngine(EngineConfig(model=str(hybrid("lfm2")), **SMALL, **off))
+        assert not engine.config.enable_prefix_caching and engine.runner.cache.states.num_snapshots == 0
+        prompt = prompts_for(engine.vocab_size, [40], seed=3)[0]
+        first, second = run(engine, [prompt]), run(engine, [prompt])
+        assert second[0].num_cached_tokens == 0 and second[0].token_ids == first[0].token_ids
+        assert "prefix caching off (no state snapshots)" in engine.memory_summary()
 
 
 def test_aborted_and_finished_requests_give_their_state_slot_back(hybrid):

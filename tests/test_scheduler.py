@@ -17,10 +17,11 @@ from pico_vllm.engine.speculative import DraftProposer, after_verification
 from pico_vllm.sampling_params import SamplingParams
 
 
-def make(num_blocks=16, block_size=8, budget=32, max_seqs=8, max_len=128, caching=True):
+def make(num_blocks=16, block_size=8, budget=32, max_seqs=8, max_len=128, caching=True, snapshots=0):
     return Scheduler(EngineConfig(
         num_blocks=num_blocks, block_size=block_size, max_num_batched_tokens=budget,
         max_num_seqs=max_seqs, max_model_len=max_len, enable_prefix_caching=caching,
+        num_state_snapshots=snapshots,
     ))
 
 
@@ -250,3 +251,60 @@ class RandomSchedulesWithDrafts(RandomSchedules):
 
 TestRandomSchedulesWithDrafts = RandomSchedulesWithDrafts.TestCase
 TestRandomSchedulesWithDrafts.settings = settings(max_examples=150, stateful_step_count=30, deadline=None)
+
+
+class RandomHybridSchedules(RandomSchedules):
+    """The same random schedules for a hybrid model with 3 state snapshots, run by a fake
+    recurrence whose state is the very tokens it has read: after every step, each running
+    sequence's state slot holds exactly its computed tokens, however it got there (from scratch,
+    chunk by chunk, or resumed from a snapshot another sequence left)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.s = make(num_blocks=10, block_size=8, budget=12, max_seqs=4, max_len=80, snapshots=3)
+        self.slots: dict[int, tuple[int, ...]] = {}  # state slot -> the tokens its state has read
+
+    @rule()
+    def one_step(self):
+        out = self.s.schedule()
+        for source, target in out.restores:
+            self.slots[target] = self.slots[source]
+        for x, n in out.scheduled:
+            start = x.num_computed_tokens
+            if start == 0:
+                self.slots[x.state_slot] = ()
+            assert self.slots[x.state_slot] == tuple(x.token_ids[:start]), "resumed from a wrong state"
+            self.slots[x.state_slot] += tuple(x.token_ids[start : start + n])
+            if n > 1 and (start + n) // 8 > start // 8:  # a boundary inside: the chunk ends on it
+                assert (start + n) % 8 == 0, (start, n)
+        for source, target in out.snapshots:
+            assert len(self.slots[source]) % 8 == 0
+            self.slots[target] = self.slots[source]
+        sampled = [x for x, n in out.scheduled if x.num_computed_tokens + n == x.num_tokens]
+        self.s.advance(out, sampled)
+        for x in sampled:
+            self.s.tokens_known(x, x.num_tokens - 1, [3])
+        for x, _ in out.scheduled:
+            if x.num_output_tokens >= x.params.max_tokens:
+                self.s.finish(x)
+
+
+TestRandomHybridSchedules = RandomHybridSchedules.TestCase
+TestRandomHybridSchedules.settings = settings(max_examples=150, stateful_step_count=30, deadline=None)
+
+
+def test_a_hybrid_hit_resumes_only_where_a_snapshot_is():
+    s = make(budget=64, snapshots=2)
+    system = list(range(500, 520))  # 2 full blocks of 8, and 4 tokens more
+    a = Sequence("a", system + [1], SamplingParams(max_tokens=1))
+    s.add_sequence(a)
+    assert [n for _, n in step(s).scheduled] == [16]  # cut at the last full block: a snapshot there
+    assert [n for _, n in step(s).scheduled] == [5]
+    b = Sequence("b", system + [2, 3], SamplingParams(max_tokens=1))
+    c = Sequence("c", system[:12] + [4] * 9, SamplingParams(max_tokens=1))  # shares 1 block + 4 tokens
+    s.add_sequence(b)
+    s.add_sequence(c)
+    out = step(s)
+    assert (b.num_cached_tokens, c.num_cached_tokens) == (16, 0)  # no snapshot after c's 1st block
+    assert [source for source, _ in out.restores] == [8]  # after max_num_seqs (8) sequences' slots
+    s.block_manager.check_invariants()

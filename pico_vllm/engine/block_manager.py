@@ -25,7 +25,8 @@ prefix is equal (a collision can cost a miss, never serve another prefix's K/V â
 closed after CVE-2025-25183, where Python's ``hash`` identified blocks). Each group caches its
 own blocks under the same digests; a prefix of ``k`` blocks is a hit when every group holds what
 its layers read from it: all ``k`` blocks for a full group, the blocks of the last ``window``
-tokens for a sliding one.
+tokens for a sliding one. A hybrid model's linear layers need more than K/V to resume: a hit also
+needs a snapshot of their state where the prefix ends (``state_snapshots.py``).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pico_vllm.engine.sequence import NO_BLOCK, Sequence
+from pico_vllm.engine.state_snapshots import StateSnapshots
 
 
 @dataclass
@@ -61,14 +63,16 @@ def block_digest(parent: bytes | None, token_ids: tuple[int, ...]) -> bytes:
 
 class BlockManager:
     """Allocates, shares and frees KV blocks; see the module docstring. ``windows`` has one
-    entry per layer group: its sliding window in tokens, or None for full attention."""
+    entry per layer group: its sliding window in tokens, or None for full attention;
+    ``snapshots`` (a hybrid model's) the state snapshots a prefix hit resumes from."""
 
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
-                 windows: tuple[int | None, ...] = (None,)):
+                 windows: tuple[int | None, ...] = (None,), snapshots: StateSnapshots | None = None):
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
         self.windows = windows
+        self.snapshots = snapshots
         self.blocks = [Block(i) for i in range(num_blocks)]
         self._free: deque[int] = deque(range(num_blocks))
         self._evictable: OrderedDict[int, None] = OrderedDict()  # least recently used first
@@ -99,8 +103,10 @@ class BlockManager:
             total += min(blocks_for(num_tokens, self.block_size), blocks_for(span, self.block_size) + 1)
         return total
 
-    def share_cached_prefix(self, seq: Sequence) -> None:
-        """Give a newly admitted ``seq`` the cached blocks of its longest cached prefix.
+    def share_cached_prefix(self, seq: Sequence) -> int | None:
+        """Give a newly admitted ``seq`` the cached blocks of its longest cached prefix; with
+        state snapshots, the longest that has one, whose slot is returned (the state to copy into
+        ``seq``'s own before it runs). None: no snapshot to resume from.
 
         At least one token is always left to compute (the step must produce logits), so a
         cached block is never written again.
@@ -108,13 +114,13 @@ class BlockManager:
         assert not any(seq.block_tables) and seq.num_computed_tokens == 0
         seq.block_tables = [[] for _ in self.windows]  # one per group
         if not self.enable_prefix_caching:
-            return
+            return None
         self._hash_full_blocks(seq)
         max_hits = min((seq.num_tokens - 1) // self.block_size, len(seq.block_hashes))
         hits = [[self._lookup(seq, g, i) for i in range(max_hits)] for g in range(len(self.windows))]
         for k in range(max_hits, 0, -1):  # the longest prefix every group can serve
             if all(None not in hits[g][self._first_read(g, k * self.block_size) : k]
-                   for g in range(len(self.windows))):
+                   for g in range(len(self.windows))) and self._resumable(seq, k):
                 break
         else:
             k = 0
@@ -125,6 +131,9 @@ class BlockManager:
                 self._acquire(block_id)
                 table.append(block_id)
         seq.num_computed_tokens = seq.num_cached_tokens = k * self.block_size
+        if self.snapshots is None or k == 0:
+            return None
+        return self.snapshots.resume(seq.block_hashes[k - 1])
 
     def allocate(self, seq: Sequence, num_tokens: int) -> bool:
         """Grow every group's block table to hold ``num_tokens`` tokens; all or nothing. First,
@@ -151,6 +160,8 @@ class BlockManager:
                 if block_id != NO_BLOCK:
                     self._release(block_id)
         seq.block_tables = [[] for _ in self.windows]
+        if self.snapshots is not None:
+            self.snapshots.forget(seq)
 
     def cache_full_blocks(self, seq: Sequence) -> None:
         """Register every full, computed block of ``seq`` whose token ids are all known (no
@@ -169,6 +180,8 @@ class BlockManager:
                 block.parent = seq.block_hashes[i - 1] if i else None
                 # If another sequence computed the same prefix first, its block stays the cached one.
                 self._cached.setdefault((g, block.hash), block.block_id)
+        if self.snapshots is not None:
+            self.snapshots.file(seq, lambda digest: (0, digest) in self._cached)
 
     def reset_prefix_cache(self) -> None:
         """Forget every cached block that no sequence uses (vLLM's ``reset_prefix_cache``): they
@@ -194,6 +207,13 @@ class BlockManager:
         for block_id in evictable:
             block = self.blocks[block_id]
             assert self._cached.get((block.group, block.hash)) == block_id
+        if self.snapshots is not None:
+            self.snapshots.check_invariants({digest for group, digest in self._cached if group == 0})
+
+    def _resumable(self, seq: Sequence, num_blocks: int) -> bool:
+        """Whether a hit of ``num_blocks`` blocks resumes every layer: always, but for a hybrid
+        model's linear layers, which need a snapshot of their state where it ends."""
+        return self.snapshots is None or self.snapshots.has(seq.block_hashes[num_blocks - 1])
 
     def _first_read(self, group: int, position: int) -> int:
         """The first block a query at ``position`` (or any later one) reads in ``group``."""
@@ -251,6 +271,8 @@ class BlockManager:
     def _uncache(self, block_id: int) -> None:
         block = self.blocks[block_id]
         del self._cached[(block.group, block.hash)]
+        if self.snapshots is not None and block.group == 0:
+            self.snapshots.drop(block.hash)  # no hit can end on this block any more
         block.hash = block.token_ids = block.parent = None
 
     def _acquire(self, block_id: int) -> None:

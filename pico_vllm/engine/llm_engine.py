@@ -113,18 +113,20 @@ class LLMEngine:
             self.group = distributed.tensor_parallel_group(config.tensor_parallel_size)
             self._check_samples = distributed.check_samples_enabled()
             self.model.shard(self.group)
-        num_blocks = resolve_num_blocks(config, self.model, loaded.dtype)  # of this rank's shard
-        if self.group is not None:  # every rank must run the same schedule: the same pool size
-            num_blocks = distributed.smallest(num_blocks, self.group)
+        # Resolved once, here: everything after reads these sizes from self.config. A hybrid's
+        # prefix hits resume from state snapshots (none: every prompt is computed in full).
         hybrid = self.model.state_spec is not None
         if hybrid:
             _check_hybrid(config)
-        # Resolved once, here: everything after reads these sizes from self.config. A hybrid's
-        # prefixes are always computed: its linear layers' state at a block boundary is not
-        # cached (yet), and a hit needs it.
-        self.config = replace(config, num_blocks=num_blocks, max_model_len=max_model_len,
-                              enable_prefix_caching=config.enable_prefix_caching and not hybrid)
-        config = self.config
+        snapshots = 0
+        if hybrid and config.enable_prefix_caching:
+            snapshots = config.max_num_seqs if config.num_state_snapshots is None else config.num_state_snapshots
+        config = replace(config, num_state_snapshots=snapshots, max_model_len=max_model_len,
+                         enable_prefix_caching=config.enable_prefix_caching and (not hybrid or snapshots > 0))
+        num_blocks = resolve_num_blocks(config, self.model, loaded.dtype)  # of this rank's shard
+        if self.group is not None:  # every rank must run the same schedule: the same pool size
+            num_blocks = distributed.smallest(num_blocks, self.group)
+        self.config = config = replace(config, num_blocks=num_blocks)
         sampler = Sampler(self.eos_token_ids, seed=config.seed)
         self.runner = ModelRunner(self.model, config, sampler, loaded.dtype)
         windows = self.runner.cache.layout.windows
@@ -210,11 +212,14 @@ class LLMEngine:
         kv = sum(a.nbytes for a in cache.state) - (cache.states.nbytes if cache.states else 0)
         text = (f"KV pool: {config.num_blocks} blocks of {config.block_size} tokens "
                 f"({kv / 2**20:.1f} MiB)")
-        if cache.states is not None:
-            per_seq = cache.states.spec.bytes_per_sequence
-            text += (f"; state pool: {cache.states.num_slots} sequences x {per_seq / 2**10:.1f} KiB "
-                     f"({len(cache.states.spec.layers)} linear layers; {cache.states.nbytes / 2**20:.1f} "
-                     "MiB with the scratch slot); prefix caching off (no state snapshots yet)")
+        states = cache.states
+        if states is not None:
+            per_seq = states.spec.bytes_per_sequence
+            text += (f"; state pool: {states.num_slots} sequences + {states.num_snapshots} prefix "
+                     f"snapshots, {per_seq / 2**10:.1f} KiB each ({len(states.spec.layers)} linear layers; "
+                     f"{states.nbytes / 2**20:.1f} MiB with the scratch slot)")
+            text += (f"; prefix hits resume from state snapshots, {per_seq / 2**10:.1f} KiB per cached block "
+                     "boundary" if states.num_snapshots else "; prefix caching off (no state snapshots)")
         return text
 
     def reset_prefix_cache(self) -> None:

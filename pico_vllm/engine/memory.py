@@ -45,10 +45,11 @@ def metal_working_set() -> int:
 
 
 def state_pool_bytes(config: EngineConfig, model: nn.Module) -> int:
-    """Bytes a hybrid model's state pool takes: a slot per running sequence and the scratch
-    slot (``layers/state_pool.py``); 0 for a model without linear layers."""
+    """Bytes a hybrid model's state pool takes: a slot per running sequence, the prefix cache's
+    snapshots and the scratch slot (``layers/state_pool.py``); 0 for a model without linear
+    layers."""
     spec = model.state_spec
-    return 0 if spec is None else spec.pool_bytes(config.max_num_seqs)
+    return 0 if spec is None else spec.pool_bytes(config.max_num_seqs, config.num_state_snapshots or 0)
 
 
 def resolve_num_blocks(config: EngineConfig, model: nn.Module, dtype: mx.Dtype) -> int:
@@ -66,8 +67,10 @@ def resolve_num_blocks(config: EngineConfig, model: nn.Module, dtype: mx.Dtype) 
     block_bytes = model.kv_spec.bytes_per_block(config.block_size, dtype)
     num_blocks = (budget - states) // block_bytes
     if num_blocks < 1:
-        left = f", of which the state pool takes {states} ({config.max_num_seqs} sequences)," * bool(states)
+        left = (f", of which the state pool takes {states} ({config.max_num_seqs} sequences, "
+                f"{config.num_state_snapshots or 0} snapshots),") * bool(states)
         raise ValueError(f"KV memory budget of {budget} bytes{left} holds no block of this model "
                          f"({block_bytes} bytes): raise --kv-cache-bytes"
-                         + (", lower --max-num-seqs" if states else "") + " or give --num-blocks")
+                         + (", lower --max-num-seqs or --num-state-snapshots" if states else "")
+                         + " or give --num-blocks")
     return num_blocks

@@ -117,9 +117,10 @@ class ModelRunner:
         self.num_blocks = config.num_blocks
         spec: KVSpec = model.kv_spec
         # A hybrid model's linear layers keep one state slot per running sequence (the scheduler
-        # admits at most max_num_seqs and hands out Sequence.state_slot).
+        # admits at most max_num_seqs and hands out Sequence.state_slot), and its prefix cache's
+        # snapshots.
         self.cache = KVCache(spec, self.num_blocks, config.block_size, dtype, model.state_spec,
-                             config.max_num_seqs)
+                             config.max_num_seqs, config.num_state_snapshots or 0)
         # On a Mac: self-check the decode kernel's instance now, before any graph is traced.
         prepare_paged_attention(dtype, spec.num_q_heads, spec.num_kv_heads, spec.head_dim, config.block_size)
         max_blocks = min(blocks_for(config.max_model_len, config.block_size), self.num_blocks)
@@ -139,6 +140,8 @@ class ModelRunner:
         A decode whose input token is still a placeholder takes it from ``previous`` (the step
         that sampled it, not yet read back) on the device.
         """
+        if out.restores:  # admitted from a snapshot: their state resumes where its prefix ends
+            self.cache.states.copy(out.restores)
         batch = sorted(out.scheduled, key=lambda item: item[1] > 1)  # stable: decodes first
         drafts = out.drafts
         # A sequence samples once every token it knows (and its drafts) has its K/V computed.
@@ -171,6 +174,8 @@ class ModelRunner:
                     requests.append(seq)
             logits = self.model(input_ids, positions, self.cache, meta, mx.array(logit_rows, mx.int32))
             logits, argmax = logits.astype(mx.float32), None
+        if out.snapshots:  # the states where this step ends a block, for the prefix cache
+            self.cache.states.copy(out.snapshots)
         cascade = meta.shared_prefix is not None
         if not rows:
             return PendingStep([], None, self.cache.state, cascade=cascade)

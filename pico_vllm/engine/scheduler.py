@@ -13,6 +13,11 @@ waits for it (admission pauses, FIFO): blocks enter the prefix cache only once c
 requests that arrive together with a shared system prompt would otherwise all compute it. One
 step later they find it cached and compute only their own tokens.
 
+A hybrid model's prefix cache also needs its linear layers' state where a hit ends
+(``state_snapshots.py``): there a multi-token chunk ends on the last block boundary inside it
+(so a prompt's last partial block is one more, small, chunk), and a step that ends a sequence's
+block copies its state into a snapshot slot.
+
 With speculative decoding a decoding sequence may also compute *drafts*: guessed next tokens,
 verified in the same step (``speculative.py``). They use budget left by the decodes before them,
 and never cost another sequence its blocks.
@@ -28,6 +33,7 @@ from pico_vllm.config import EngineConfig
 from pico_vllm.engine.block_manager import BlockManager
 from pico_vllm.engine.sequence import Sequence, SequenceStatus
 from pico_vllm.engine.speculative import DraftProposer, pause_drafting
+from pico_vllm.engine.state_snapshots import StateSnapshots
 
 
 @dataclass
@@ -38,6 +44,10 @@ class SchedulerOutput:
     scheduled: list[tuple[Sequence, int]] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
     drafts: dict[Sequence, list[int]] = field(default_factory=dict)  # guesses to verify
+    # A hybrid model's state-pool copies, (from slot, to slot): snapshots that admitted sequences
+    # resume from, before the step; sequences' states where the step ends a block, after it.
+    restores: list[tuple[int, int]] = field(default_factory=list)
+    snapshots: list[tuple[int, int]] = field(default_factory=list)
 
     @property
     def is_empty(self) -> bool:
@@ -62,8 +72,13 @@ class Scheduler:
             raise ValueError("the scheduler needs the pool's size and max_model_len: pass the config "
                              "as LLMEngine resolved it (num_blocks and max_model_len set)")
         self.config = config
+        # A hybrid's snapshot slots follow the max_num_seqs slots of running sequences.
+        snapshots = None
+        if config.enable_prefix_caching and config.num_state_snapshots:
+            first = config.max_num_seqs
+            snapshots = StateSnapshots(range(first, first + config.num_state_snapshots))
         self.block_manager = BlockManager(
-            config.num_blocks, config.block_size, config.enable_prefix_caching, windows
+            config.num_blocks, config.block_size, config.enable_prefix_caching, windows, snapshots
         )
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order
@@ -110,7 +125,7 @@ class Scheduler:
             if self._reached_length(seq):
                 i += 1  # its last token is still on its way to the host: nothing more to compute
                 continue
-            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            n = self._chunk(seq, min(seq.num_tokens - seq.num_computed_tokens, budget))
             k = self._draft_limit(seq, budget) if n == 1 else 0
             if k and self.block_manager.allocate(seq, seq.num_computed_tokens + 1 + k):
                 wanted[seq] = k
@@ -139,17 +154,20 @@ class Scheduler:
             if head is not None and head in prefilling:
                 break  # its prefix is being computed right now: take it from the cache next step
             prefilling.add(head)
-            self.block_manager.share_cached_prefix(seq)
-            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            restore = self.block_manager.share_cached_prefix(seq)
+            n = self._chunk(seq, min(seq.num_tokens - seq.num_computed_tokens, budget))
             if not self.block_manager.allocate(seq, seq.num_computed_tokens + n):
                 self._release(seq)  # give back the cache hits; retry next step
                 break
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             seq.state_slot = self._free_slots.pop()
+            if restore is not None:
+                out.restores.append((restore, seq.state_slot))
             self.running.append(seq)
             out.scheduled.append((seq, n))
             budget -= n
+        self._take_snapshots(out)
         return out
 
     def advance(self, out: SchedulerOutput, sampling: Collection[Sequence]) -> None:
@@ -208,6 +226,27 @@ class Scheduler:
                 out.scheduled[index] = (seq, 1 + len(got))
                 unused += n - 1 - len(got)
         return unused
+
+    def _chunk(self, seq: Sequence, n: int) -> int:
+        """``n`` tokens of ``seq`` to compute, fewer where state snapshots need a multi-token
+        chunk to end on the last block boundary inside it."""
+        if self.block_manager.snapshots is None or n == 1:
+            return n
+        past = (seq.num_computed_tokens + n) % self.config.block_size
+        return n - past if n > past else n
+
+    def _take_snapshots(self, out: SchedulerOutput) -> None:
+        """Where a scheduled step ends one of a sequence's blocks, copy its state after the step
+        into a snapshot slot (filed once the block's digest is known)."""
+        snapshots = self.block_manager.snapshots
+        if snapshots is None:
+            return
+        for seq, n in out.scheduled:
+            end = seq.num_computed_tokens + n
+            if end % self.config.block_size == 0:
+                slot = snapshots.take(seq, end // self.config.block_size - 1)
+                if slot is not None:
+                    out.snapshots.append((seq.state_slot, slot))
 
     def wants_drafts(self) -> bool:
         """Whether a running sequence would draft now but for its newest token, still on its way

@@ -77,9 +77,11 @@ class KVCache:
     """
 
     def __init__(self, spec: KVSpec, num_blocks: int, block_size: int, dtype: mx.Dtype,
-                 state_spec: StateSpec | None = None, num_state_slots: int = 0) -> None:
+                 state_spec: StateSpec | None = None, num_state_slots: int = 0,
+                 num_state_snapshots: int = 0) -> None:
         """``state_spec``: a hybrid model's recurrent state per sequence, held in
-        ``num_state_slots`` slots of :attr:`states` (see ``state_pool.py``)."""
+        ``num_state_slots`` slots of :attr:`states` (see ``state_pool.py``), with
+        ``num_state_snapshots`` more for its prefix cache."""
         self.layout = spec.layout
         shape = (spec.num_kv_heads, num_blocks + 1, block_size, spec.head_dim)
         self.state = [mx.zeros(shape, dtype) for _ in range(2 * self.layout.slots)]
@@ -87,7 +89,8 @@ class KVCache:
         self.scratch_block = num_blocks
         self._heads = mx.arange(spec.num_kv_heads)[:, None]
         mx.eval(self.state, self._heads)
-        self.states = None if state_spec is None else StatePool(state_spec, num_state_slots, self.state)
+        self.states = None if state_spec is None else StatePool(state_spec, num_state_slots, self.state,
+                                                                  num_state_snapshots)
 
     def group(self, layer: int) -> int:
         """The layer group whose block tables ``layer`` reads (``AttentionMetadata``'s first axis)."""

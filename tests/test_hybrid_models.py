@@ -94,12 +94,14 @@ def test_the_state_pool_holds_each_linear_layers_arrays_per_slot(hybrid):
 
 def test_the_state_pool_is_paid_for_out_of_the_kv_budget(hybrid):
     path, seqs = str(hybrid("qwen3_next")), SMALL["max_num_seqs"]
-    engine = LLMEngine(EngineConfig(model=path, max_num_seqs=seqs, kv_cache_bytes=10**6, num_state_snapshots=2))
+    engine = LLMEngine(EngineConfig(model=path, max_num_seqs=seqs, kv_cache_bytes=10**6,
+                                    num_state_snapshots=2))
     states = (seqs + 2 + 1) * engine.model.state_spec.bytes_per_sequence
     block = engine.model.kv_spec.bytes_per_block(16, mx.float32)
     assert engine.config.num_blocks == (10**6 - states) // block
-    with pytest.raises(ValueError, match=r", of which the state pool takes 67584 \(3 sequences, 2 snapshots\), "
-                                         r"holds no block.*lower --max-num-seqs or --num-state-snapshots"):
+    with pytest.raises(ValueError, match=r", of which the state pool takes 67584 \(3 sequences, 2 "
+                                         r"snapshots\), holds no block.*lower --max-num-seqs or "
+                                         r"--num-state-snapshots"):
         LLMEngine(EngineConfig(model=path, max_num_seqs=seqs, kv_cache_bytes=states + block - 1,
                                num_state_snapshots=2))
 

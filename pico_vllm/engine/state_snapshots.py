@@ -38,7 +38,8 @@ class StateSnapshots:
         self.capacity = len(slots)
         self._free = list(reversed(slots))
         self._filed: OrderedDict[bytes, int] = OrderedDict()  # digest -> slot, least recent first
-        self._pending: dict[Sequence, list[tuple[int, int]]] = {}  # (block index, slot): copied, digest unknown
+        # Per sequence, (block index, slot) of the snapshots copied whose digest is not known yet.
+        self._pending: dict[Sequence, list[tuple[int, int]]] = {}
 
     @property
     def num_filed(self) -> int:

@@ -56,7 +56,8 @@ class StatePool:
     ``state`` is the KV pool's list (see ``KVCache``): this pool's arrays are appended to it, so
     one list is all a captured graph carries."""
 
-    def __init__(self, spec: StateSpec, num_slots: int, state: list[mx.array], num_snapshots: int = 0) -> None:
+    def __init__(self, spec: StateSpec, num_slots: int, state: list[mx.array],
+                 num_snapshots: int = 0) -> None:
         self.spec = spec
         self.num_slots = num_slots
         self.num_snapshots = num_snapshots

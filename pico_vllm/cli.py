@@ -168,6 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--speculative-config", type=_json_object, default=None,
                        help="the 'pico-vllm spec' engine's speculative_config (JSON; default: "
                             + json.dumps(SPECULATIVE_DEFAULT).replace("%", "%%") + ")")
+    bench.add_argument("--pipeline-parallel-size", type=int, default=1,
+                       help="split the pico-vllm engines' layers over this many stages, one per rank "
+                            "of mlx.launch (the pico-vllm engines only; default then: pico-vllm)")
     bench.add_argument("--output", default="bench-results", help="folder for results.json and the plots")
 
     serve = commands.add_parser("serve", help="OpenAI-compatible HTTP server", formatter_class=defaults)
@@ -285,7 +288,7 @@ def generate(args: argparse.Namespace, terminal: _Terminal) -> None:
     started = time.perf_counter()
     llm = LLM(**vars(config))
     if llm.engine.group is not None and llm.engine.group.rank() != 0:
-        # Tensor parallel: every rank runs the same requests; rank 0 alone speaks. (Start-up
+        # Tensor or pipeline parallel: every rank runs the same requests; rank 0 alone speaks. (Start-up
         # errors, raised above, are printed by every rank.)
         sys.stdout = sys.stderr = open(os.devnull, "w")  # noqa: SIM115 (for the process's life)
     print(f"[pico-vllm] loaded {config.model or 'embedded SmolLM2-135M-Instruct'} in "
@@ -360,14 +363,20 @@ def run_bench(args: argparse.Namespace) -> None:
         raise ValueError(f"--rates must be positive and finite, got {args.rates!r}")
     if args.max_num_seqs < 1:
         raise ValueError(f"--max-num-seqs must be >= 1, got {args.max_num_seqs}")
-    workloads, engines = args.workload or list(DEFAULT_WORKLOADS), args.engine or list(DEFAULT_ENGINES)
-    check_selection(workloads, engines, args.speculative_config)
+    split = args.pipeline_parallel_size
+    if split < 1:
+        raise ValueError(f"--pipeline-parallel-size must be >= 1, got {split}")
+    workloads = args.workload or list(DEFAULT_WORKLOADS)
+    engines = args.engine or (list(DEFAULT_ENGINES) if split == 1 else ["pico-vllm"])
+    check_selection(workloads, engines, args.speculative_config, split)
     if args.speculative_config is not None:
         EngineConfig(speculative_config=args.speculative_config)  # a bad one fails before loading
     from pico_vllm.bench_engines import benchmark  # MLX: only once the arguments are good
 
     results, facts = benchmark(args.model, workloads, engines, args.quick, rates, args.max_num_seqs,
-                               speculative_config=args.speculative_config)
+                               speculative_config=args.speculative_config, pipeline_parallel_size=split)
+    if facts["rank"] != 0:  # every rank ran the same engines; rank 0 alone reports
+        return
     print(f"model {facts['model']} ({facts['parameters'] / 1e6:.0f}M parameters) on {facts['device']}; "
           f"peak fp32 matmul {facts['peak_matmul_flops'] / 1e9:.1f} GFLOP/s")
     print(format_table(results, facts))
@@ -407,9 +416,9 @@ def serve(args: argparse.Namespace) -> None:
     from pico_vllm.server.drain import DrainingServer
     from pico_vllm.server.limits import TimedH11Protocol
 
-    if configs[0].tensor_parallel_size > 1:
+    if configs[0].tensor_parallel_size > 1 or configs[0].pipeline_parallel_size > 1:
         if len(configs) > 1:
-            raise ValueError("--tensor-parallel-size serves one --model")
+            raise ValueError("--tensor-parallel-size and --pipeline-parallel-size serve one --model")
         import mlx.core as mx
 
         if mx.distributed.init().rank() != 0:  # no HTTP here: follow rank 0's requests

@@ -49,6 +49,9 @@ class EngineConfig:
         seed: seed of the global RNG used by requests that give no seed of their own.
         tensor_parallel_size: ranks the model is split over (tensor parallelism); more than 1
             needs that many processes started by ``mlx.launch`` (see the README).
+        pipeline_parallel_size: stages the model's layers are split over (pipeline
+            parallelism), one per process started by ``mlx.launch``; each holds a slice of the
+            layers and their KV pool, and a step's batch goes down the stages in micro-batches.
         speculative_config: speculative decoding, as vLLM spells it (JSON on the command line):
             ``{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4,
             "prompt_lookup_min": 2}`` drafts tokens by prompt lookup, ``{"model": "<path or id>",
@@ -74,6 +77,7 @@ class EngineConfig:
     async_scheduling: bool = True
     seed: int = 0
     tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
     speculative_config: dict | None = None
 
     def __post_init__(self) -> None:
@@ -106,6 +110,12 @@ class EngineConfig:
         self.enforce_eager = self.capture_graphs == "off"
         if self.tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
+        if self.pipeline_parallel_size < 1:
+            raise ValueError(f"pipeline_parallel_size must be >= 1, got {self.pipeline_parallel_size}")
+        if self.tensor_parallel_size > 1 and self.pipeline_parallel_size > 1:
+            raise ValueError("tensor_parallel_size and pipeline_parallel_size cannot both be above 1 yet: "
+                             "pick one (tensor parallelism within a Mac pair over Thunderbolt, pipeline "
+                             "parallelism across slower links)")
         if self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
         if self.max_num_batched_tokens < 1:

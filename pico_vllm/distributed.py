@@ -1,4 +1,5 @@
-"""Tensor parallelism over ``mx.distributed``: one engine across the ranks of ``mlx.launch``.
+"""Tensor parallelism over ``mx.distributed``: one engine across the ranks of ``mlx.launch``
+(pipeline parallelism, by layers, is ``pipeline.py``; both share the launch and the lockstep).
 
 Every rank loads the whole checkpoint, then keeps only its slice (``Model.shard``, built on MLX's
 ``shard_linear``): q/k/v and gate/up are split by output features, o_proj and down by input
@@ -33,16 +34,17 @@ DOORBELL_CONNECT_S = 60.0  # how long rank 0 waits for every other rank to conne
 log = logging.getLogger("pico_vllm")
 
 
-def tensor_parallel_group(size: int) -> mx.distributed.Group:
-    """The ``mx.distributed`` group of ``size`` ranks this process was launched into."""
+def launched_group(size: int, setting: str = "tensor_parallel_size") -> mx.distributed.Group:
+    """The ``mx.distributed`` group of ``size`` ranks this process was launched into (for the
+    tensor or pipeline parallel ``setting`` that asked for it)."""
     group = mx.distributed.init()
     if group.size() == 1:
         raise ValueError(
-            f"tensor_parallel_size {size} needs {size} processes started by mlx.launch (e.g. "
+            f"{setting} {size} needs {size} processes started by mlx.launch (e.g. "
             f"`mlx.launch --backend ring -n {size} ...`); this process has no distributed group"
         )
     if group.size() != size:
-        raise ValueError(f"tensor_parallel_size {size} does not match the {group.size()} ranks launched")
+        raise ValueError(f"{setting} {size} does not match the {group.size()} ranks launched")
     return group
 
 

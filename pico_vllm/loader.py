@@ -30,9 +30,18 @@ class LoadedModel:
 
 
 
-def load(model: str | None = None, dtype: str = "auto", model_impl: str = "auto") -> LoadedModel:
+def load(model: str | None = None, dtype: str = "auto", model_impl: str = "auto",
+         lazy: bool = False) -> LoadedModel:
     """Load ``model`` (see the module docstring); ``None`` is the embedded SmolLM2-135M.
-    ``model_impl`` picks our own model file or mlx-lm's (see ``models.uses_own_file``)."""
+    ``model_impl`` picks our own model file or mlx-lm's (see ``models.uses_own_file``).
+    ``lazy`` leaves the weights unread until evaluated: a pipeline stage reads only its layers."""
+    loaded = _load(model, dtype, model_impl)
+    if not lazy:
+        mx.eval(loaded.model.parameters())
+    return loaded
+
+
+def _load(model: str | None, dtype: str, model_impl: str) -> LoadedModel:
     if model is None or str(model).endswith(".gguf"):
         path = embedded_model_path() if model is None else Path(model).expanduser()
         config, weights, tokenizer = load_gguf(path)

@@ -169,8 +169,9 @@ def children(pid: int) -> list[int]:
     return found
 
 
+@pytest.mark.parametrize("split", ["--tensor-parallel-size", "--pipeline-parallel-size"])
 @pytest.mark.slow
-def test_serve_under_mlx_launch_answers_like_one_process_and_stops_cleanly(chat_model):
+def test_serve_under_mlx_launch_answers_like_one_process_and_stops_cleanly(chat_model, split):
     import asyncio
 
     import httpx
@@ -178,7 +179,7 @@ def test_serve_under_mlx_launch_answers_like_one_process_and_stops_cleanly(chat_
     from server_load import run_load
     from test_server_live import running_server, wait_until_idle
 
-    flags = ("--tensor-parallel-size", "2", "--num-blocks", "64", "--max-model-len", "256")
+    flags = (split, "2", "--num-blocks", "64", "--max-model-len", "256")
     launcher = (*LAUNCH, "--backend", "ring", "-n", "2")
     params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
     expected = {o.prompt: o.text for o in LLM(str(chat_model), num_blocks=64).generate(TEXTS, params,

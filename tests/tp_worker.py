@@ -1,9 +1,11 @@
-"""One rank of a tensor-parallel run, started by ``mlx.launch`` from ``test_tensor_parallel.py``.
+"""One rank of a tensor- or pipeline-parallel run, started by ``mlx.launch`` from
+``test_tensor_parallel.py`` and ``test_pipeline_parallel.py``.
 
 Usage: ``tp_worker.py SPEC_JSON OUT_PREFIX``. For each run in the spec (a model folder, engine
-arguments, prompts, max_tokens) it builds the engine with ``tensor_parallel_size`` = the number
-of ranks, decodes the prompts greedily, and writes ``OUT_PREFIX.rank<R>.json``: per run, each
-prompt's tokens, the pool's KV-head count, this rank's parameter bytes, preemptions, kept drafts."""
+arguments, prompts, max_tokens, ``"parallel": "pipeline"`` or tensor by default, ``logprobs``) it
+builds the engine with that parallel size = the number of ranks, decodes the prompts greedily,
+and writes ``OUT_PREFIX.rank<R>.json``: per run, each prompt's tokens (and logprobs), the pool's
+KV-head and layer counts, this rank's layers and parameter bytes, preemptions, kept drafts."""
 
 from __future__ import annotations
 
@@ -20,19 +22,25 @@ from pico_vllm.engine.llm_engine import LLMEngine
 
 def run(spec: dict, group: mx.distributed.Group) -> dict:
     engine_args = spec["engine"] | ({"seed": group.rank()} if spec.get("seed_by_rank") else {})
-    engine = LLMEngine(EngineConfig(model=spec["model"], tensor_parallel_size=group.size(), **engine_args))
+    size = {f"{spec.get('parallel', 'tensor')}_parallel_size": group.size()}
+    engine = LLMEngine(EngineConfig(model=spec["model"], **size, **engine_args))
     # seed_by_rank: a planted fault, sampling at temperature 1 from a different seed on each rank.
     params = SamplingParams(temperature=1.0 if spec.get("seed_by_rank") else 0, max_tokens=spec["max_tokens"],
-                            ignore_eos=True)
+                            ignore_eos=True, logprobs=spec.get("logprobs"))
     ids = [engine.add_request(prompt, params) for prompt in spec["prompts"]]
-    tokens: dict[str, list[int]] = {}
+    finished = {}
     while engine.has_unfinished_requests():
         for out in engine.step():
             if out.finished:
-                tokens[out.request_id] = out.token_ids
+                finished[out.request_id] = out
+    stage = engine.stage
     return {
-        "tokens": [tokens[i] for i in ids],
+        "tokens": [finished[i].token_ids for i in ids],
+        "logprobs": [finished[i].logprobs for i in ids],
+        "top_logprobs": [finished[i].top_logprobs for i in ids],  # JSON: [id, logprob] pairs
         "kv_heads": engine.runner.cache.state[0].shape[0],
+        "kv_layers": engine.model.kv_spec.num_layers,
+        "layers": None if stage is None else [stage.layers.start, stage.layers.stop],
         "param_bytes": sum(p.nbytes for _, p in tree_flatten(engine.model.parameters())),
         "preemptions": engine.stats.preemptions,
         "accepted_draft_tokens": engine.stats.accepted_draft_tokens,

@@ -11,12 +11,15 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass, field, replace
 
+import mlx.core as mx
+
 from pico_vllm import distributed
 from pico_vllm.config import EngineConfig
 from pico_vllm.engine.detokenizer import IncrementalDetokenizer
 from pico_vllm.engine.draft_model import DraftModelProposer
 from pico_vllm.engine.memory import resolve_num_blocks, wire_memory
-from pico_vllm.engine.model_runner import ModelRunner, PendingStep
+from pico_vllm.engine.model_runner import ModelRunner
+from pico_vllm.engine.pending_step import PendingStep
 from pico_vllm.engine.scheduler import Scheduler, SchedulerOutput
 from pico_vllm.engine.sequence import Sequence
 from pico_vllm.engine.speculative import after_verification
@@ -91,7 +94,9 @@ class LLMEngine:
     def __init__(self, config: EngineConfig | None = None, loaded: LoadedModel | None = None):
         """Load ``config.model`` (or use an already ``loaded`` one) and size the KV pool."""
         config = config or EngineConfig()
-        loaded = loaded or load(config.model, config.dtype, config.model_impl)
+        # A pipeline stage reads only its own layers' weights (Model.pipeline evaluates them).
+        loaded = loaded or load(config.model, config.dtype, config.model_impl,
+                                lazy=config.pipeline_parallel_size > 1)
         self.model, self.tokenizer = loaded.model, loaded.tokenizer
         self.eos_token_ids = set(loaded.eos_token_ids)
         self.vocab_size = self.model.vocab_size
@@ -107,12 +112,18 @@ class LLMEngine:
                 f"code here ({type(self.model).__module__}) does not apply; with max_model_len <= "
                 f"{window} (--max-model-len {window}) it is served exactly"
             )
-        self.group = None  # the tensor-parallel group, when the model is split over ranks
+        self.group = None  # the ranks the model is split over (tensor or pipeline parallel)
+        self.stage = None  # this rank's layers, under pipeline parallelism
         self._check_samples = False  # compare every step's samples across ranks (debug mode)
         if config.tensor_parallel_size > 1:
-            self.group = distributed.tensor_parallel_group(config.tensor_parallel_size)
+            self.group = distributed.launched_group(config.tensor_parallel_size)
             self._check_samples = distributed.check_samples_enabled()
             self.model.shard(self.group)
+        if config.pipeline_parallel_size > 1:
+            _check_pipeline(self.model, config)
+            self.group = distributed.launched_group(config.pipeline_parallel_size, "pipeline_parallel_size")
+            self._check_samples = distributed.check_samples_enabled()
+            self.stage = self.model.pipeline(self.group)
         # Resolved once, here: everything after reads these sizes from self.config. A hybrid's
         # prefix hits resume from state snapshots (none: every prompt is computed in full).
         hybrid = self.model.state_spec is not None
@@ -120,12 +131,12 @@ class LLMEngine:
             _check_hybrid(config)
         snapshots = 0
         if hybrid and config.enable_prefix_caching:
-            snapshots = config.max_num_seqs if config.num_state_snapshots is None else config.num_state_snapshots
+            snapshots = config.num_state_snapshots
+            snapshots = config.max_num_seqs if snapshots is None else snapshots
         config = replace(config, num_state_snapshots=snapshots, max_model_len=max_model_len,
                          enable_prefix_caching=config.enable_prefix_caching and (not hybrid or snapshots > 0))
-        num_blocks = resolve_num_blocks(config, self.model, loaded.dtype)  # of this rank's shard
-        if self.group is not None:  # every rank must run the same schedule: the same pool size
-            num_blocks = distributed.smallest(num_blocks, self.group)
+        num_blocks = self._agreed_num_blocks(config, loaded.dtype)
+        mx.eval(self.model.parameters())  # a pipeline stage's weights, read once its pool fits
         self.config = config = replace(config, num_blocks=num_blocks)
         sampler = Sampler(self.eos_token_ids, seed=config.seed)
         self.runner = ModelRunner(self.model, config, sampler, loaded.dtype)
@@ -146,6 +157,28 @@ class LLMEngine:
         self._requests: dict[str, _Request] = {}
         self._ids = itertools.count()
         self._in_flight: tuple[PendingStep, list[int]] | None = None  # a step not yet read back
+
+    def _agreed_num_blocks(self, config: EngineConfig, dtype: mx.Dtype) -> int:
+        """This rank's pool size (``resolve_num_blocks``); split over ranks, the smallest any rank
+        can hold, as every rank must run the same schedule. A rank whose slice leaves no room
+        says so, and the others fail with it rather than wait for it in the collective."""
+        try:
+            num_blocks, failed = resolve_num_blocks(config, self.model, dtype), None
+        except ValueError as error:
+            if self.group is None:
+                raise
+            num_blocks, failed = 0, error
+        if self.group is None:
+            return num_blocks
+        num_blocks = distributed.smallest(num_blocks, self.group)
+        if num_blocks == 0:
+            where = f"rank {self.group.rank()}"
+            if self.stage is not None:
+                where += f" (layers {self.stage.layers.start}-{self.stage.layers.stop - 1})"
+            raise ValueError(f"{where}: {failed}" if failed else
+                             f"{where} holds its slice, but another rank's leaves no room for a KV pool "
+                             "(its error says why)")
+        return num_blocks
 
     def add_request(
         self,
@@ -414,6 +447,17 @@ class LLMEngine:
             raise ValueError("prompt is empty")
         self._check_vocabulary("prompt token ids", prompt)
         return list(prompt)
+
+
+def _check_pipeline(model, config: EngineConfig) -> None:
+    """What pipeline parallelism does not split or serve yet: a clear error before the launch."""
+    if config.speculative_config is not None:
+        raise ValueError("speculative decoding is not served with pipeline parallelism yet: drop "
+                         "speculative_config or --pipeline-parallel-size")
+    if not hasattr(model, "pipeline"):
+        raise ValueError(f"pipeline parallelism splits pico-vllm's own model files (Llama, Mistral, Qwen2, "
+                         f"Qwen3) for now; {type(model).__name__} ({model.model_type!r}) is not split by "
+                         "layers yet")
 
 
 def _check_hybrid(config: EngineConfig) -> None:

@@ -16,7 +16,7 @@ cannot make faster.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -27,76 +27,27 @@ from pico_vllm.config import EngineConfig
 from pico_vllm.engine.block_manager import blocks_for
 from pico_vllm.engine.cascade import plan_shared_prefix, shared_prefix_arrays
 from pico_vllm.engine.decode_graphs import DecodeGraphs
+from pico_vllm.engine.pending_step import PendingStep
 from pico_vllm.engine.scheduler import SchedulerOutput
 from pico_vllm.engine.sequence import NO_BLOCK, Sequence
-from pico_vllm.engine.speculative import DraftPosition, accepted
+from pico_vllm.engine.speculative import DraftPosition
 from pico_vllm.layers.attention import AttentionMetadata, PrefillChunk, SharedPrefix
 from pico_vllm.layers.kv_cache import KVCache, KVSpec
 from pico_vllm.layers.sampler import PendingSamples, Sampler
+from pico_vllm.pipeline import micro_batches
 
 
-@dataclass
-class Sample:
-    """A sequence's new token, with its logprobs when the request asked."""
+class _Forward(NamedTuple):
+    """One forward's share of a step: the sequences that sample and their sampling requests,
+    then the logits of those rows (and their argmax, from a captured decode graph) on the last
+    pipeline stage, or the hidden states sent on from an earlier one."""
 
-    token_id: int
-    logprob: float | None = None
-    top_logprobs: list[tuple[int, float]] | None = None
-
-
-class PendingStep:
-    """A step whose computation is queued but not yet read back.
-
-    ``start`` hands it to MLX to evaluate in the background; ``resolve`` is the step's one host
-    sync: it waits for the pool writes and the samples and returns each sampling sequence's new
-    :class:`Sample` s (one, or its kept drafts and the token after them). Until then,
-    ``token_ids`` are the samples on the device, which the next step can already take as its
-    input ids (asynchronous scheduling).
-    """
-
-    def __init__(
-        self, seqs: list[Sequence], samples: PendingSamples | None, state: list[mx.array],
-        drafts: dict[Sequence, list[int]] | None = None, broken: mx.array | None = None,
-        cascade: bool = False,
-    ):
-        self.seqs, self._samples, self._state = seqs, samples, state
-        self.cascade = cascade  # its decode rows read shared blocks once (cascade attention)
-        self.drafts = drafts or {}
-        self._broken = broken  # [rows] bool: the row's logits were not numbers
-        self.failed: list[Sequence] = []  # after resolve: sequences whose logits were broken
-        # Each sequence's first row of samples; one per position of its chunk where it drafted.
-        widths = [1 + len(self.drafts.get(seq, ())) for seq in seqs]
-        self._rows = dict(zip(seqs, np.cumsum([0, *widths[:-1]]).tolist()))
-
-    @property
-    def token_ids(self) -> mx.array | None:
-        return None if self._samples is None else self._samples.token_ids
-
-    def row_of(self, seq: Sequence) -> int:
-        """Where ``seq``'s (first) new token is in ``token_ids``."""
-        return self._rows[seq]
-
-    def start(self) -> None:
-        mx.async_eval(self._samples or [], self._state)
-
-    def resolve(self) -> dict[Sequence, list[Sample]]:
-        if self._samples is None:
-            mx.eval(self._state)  # a step of only mid-prompt chunks still fills the pool
-            return {}
-        mx.eval(self._samples, self._state, self._broken)
-        out = self._samples.resolve()
-        logprobs = out.logprobs or [None] * len(out.token_ids)
-        rows = list(zip(out.token_ids, logprobs, out.top_logprobs))
-        broken = self._broken.tolist()
-        samples = {}
-        for seq in self.seqs:
-            first, drafts = self._rows[seq], self.drafts.get(seq, [])
-            if any(broken[first : first + len(drafts) + 1]):
-                self.failed.append(seq)
-                continue
-            tokens = accepted(drafts, out.token_ids[first : first + len(drafts) + 1])
-            samples[seq] = [Sample(*row) for row in rows[first : first + len(tokens)]]
-        return samples
+    seqs: list[Sequence]
+    requests: list
+    cascade: bool  # its decode rows read shared blocks once
+    logits: mx.array | None = None
+    argmax: mx.array | None = None
+    sent: mx.array | None = None
 
 
 def decode_graph_arrays(input_ids: mx.array, positions: mx.array, meta: AttentionMetadata) -> list[mx.array]:
@@ -112,6 +63,7 @@ class ModelRunner:
     def __init__(self, model: nn.Module, config: EngineConfig, sampler: Sampler, dtype: mx.Dtype) -> None:
         """``config`` as the engine resolved it: ``num_blocks`` and ``max_model_len`` set."""
         self.model = model
+        self.stage = getattr(model, "stage", None)  # this rank's layers, under pipeline parallelism
         self.sampler = sampler
         self.block_size = config.block_size
         self.num_blocks = config.num_blocks
@@ -144,6 +96,41 @@ class ModelRunner:
             self.cache.states.copy(out.restores)
         batch = sorted(out.scheduled, key=lambda item: item[1] > 1)  # stable: decodes first
         drafts = out.drafts
+        # Under pipeline parallelism the step goes down the stages in parts (micro-batches).
+        parts = []
+        for part in self._micro_batches(batch):
+            forward = self._forward(part, drafts, previous)
+            parts.append(forward)
+            if self.stage is not None:
+                # Handed to MLX part by part: a stage's sends and receives have no inputs to
+                # order them by, so the parts go down the pipeline in the order they are queued.
+                outputs = [a for a in (forward.logits, forward.argmax, forward.sent) if a is not None]
+                mx.async_eval(outputs, self.cache.state)
+        if out.snapshots:  # the states where this step ends a block, for the prefix cache
+            self.cache.states.copy(out.snapshots)
+        seqs = [seq for part in parts for seq in part.seqs]
+        requests = [request for part in parts for request in part.requests]
+        sent = [part.sent for part in parts if part.sent is not None]
+        cascade = any(part.cascade for part in parts)
+        if not seqs:
+            return PendingStep([], None, self.cache.state, cascade=cascade, sent=sent)
+        samples = broken = None
+        if self.stage is None or self.stage.is_last:
+            logits = mx.concatenate([part.logits for part in parts if part.seqs])
+            argmaxes = [part.argmax for part in parts if part.seqs]
+            if all(a is not None for a in argmaxes) and self.sampler.is_plain_argmax(seqs):
+                samples = PendingSamples(mx.concatenate(argmaxes), [None] * len(seqs))
+            else:
+                samples = self.sampler.sample(logits, requests)
+            # A row whose logits hold NaN or +inf (a broken checkpoint, an overflow) fails its request.
+            broken = mx.logical_or(mx.isnan(logits), logits == mx.inf).any(axis=-1)
+        if self.stage is not None:  # the last stage's samples, on every rank
+            samples, broken = self._share_samples(samples, broken, requests, sent)
+        return PendingStep(seqs, samples, self.cache.state, drafts, broken, cascade, sent)
+
+    def _forward(self, batch: list[tuple[Sequence, int]], drafts: dict[Sequence, list[int]],
+                 previous: PendingStep | None) -> _Forward:
+        """One forward over ``batch`` (the whole step, or one micro-batch of it)."""
         # A sequence samples once every token it knows (and its drafts) has its K/V computed.
         rows = [
             i for i, (seq, n) in enumerate(batch)
@@ -155,37 +142,49 @@ class ModelRunner:
         pad_rows, pad_width = self._graph_bucket(batch) if decode_only else (None, None)
         input_ids, positions, meta = self.prepare(batch, drafts, pad_rows, pad_width)
         input_ids = self._take_placeholders(input_ids, batch, previous)
-        if decode_only:
-            logits, argmax = self._run_decode(input_ids, positions, meta, len(batch))  # every row
-            index = mx.array(rows)
-            logits, argmax = (logits[index], argmax[index]) if rows else (logits, argmax)
-        else:
-            # The LM head only for the rows that sample: mid-prompt chunks need no logits; a
-            # drafting sequence samples at its chunk's every position, as if its drafts were out.
-            ends = np.cumsum([n for _, n in batch]).tolist()
-            logit_rows, requests = [], []
-            for i in rows:
-                seq = batch[i][0]
-                if seq in drafts:
-                    logit_rows += range(ends[i] - 1 - len(drafts[seq]), ends[i])
-                    requests += [DraftPosition(seq, drafts[seq][:j]) for j in range(len(drafts[seq]) + 1)]
-                else:
-                    logit_rows.append(ends[i] - 1)
-                    requests.append(seq)
-            logits = self.model(input_ids, positions, self.cache, meta, mx.array(logit_rows, mx.int32))
-            logits, argmax = logits.astype(mx.float32), None
-        if out.snapshots:  # the states where this step ends a block, for the prefix cache
-            self.cache.states.copy(out.snapshots)
         cascade = meta.shared_prefix is not None
-        if not rows:
-            return PendingStep([], None, self.cache.state, cascade=cascade)
-        if argmax is not None and self.sampler.is_plain_argmax(seqs):
-            samples = PendingSamples(argmax, [None] * len(seqs))
-        else:
-            samples = self.sampler.sample(logits, requests)
-        # A row whose logits hold NaN or +inf (a broken checkpoint, an overflow) fails its request.
-        broken = mx.logical_or(mx.isnan(logits), logits == mx.inf).any(axis=-1)
-        return PendingStep(seqs, samples, self.cache.state, drafts, broken, cascade)
+        if decode_only:
+            outputs = self._run_decode(input_ids, positions, meta, len(batch))  # every row
+            if len(outputs) == 1:  # a pipeline stage before the last: what it sent on
+                return _Forward(seqs, requests, cascade, sent=outputs[0])
+            index = mx.array(rows)
+            logits, argmax = (outputs[0][index], outputs[1][index]) if rows else outputs
+            return _Forward(seqs, requests, cascade, logits, argmax)
+        # The LM head only for the rows that sample: mid-prompt chunks need no logits; a
+        # drafting sequence samples at its chunk's every position, as if its drafts were out.
+        ends = np.cumsum([n for _, n in batch]).tolist()
+        logit_rows, requests = [], []
+        for i in rows:
+            seq = batch[i][0]
+            if seq in drafts:
+                logit_rows += range(ends[i] - 1 - len(drafts[seq]), ends[i])
+                requests += [DraftPosition(seq, drafts[seq][:j]) for j in range(len(drafts[seq]) + 1)]
+            else:
+                logit_rows.append(ends[i] - 1)
+                requests.append(seq)
+        out = self.model(input_ids, positions, self.cache, meta, mx.array(logit_rows, mx.int32))
+        if self.stage is not None and not self.stage.is_last:
+            return _Forward(seqs, requests, cascade, sent=out)
+        return _Forward(seqs, requests, cascade, out.astype(mx.float32))
+
+    def _micro_batches(self, batch: list[tuple[Sequence, int]]) -> list[list[tuple[Sequence, int]]]:
+        """``batch`` in one part per pipeline stage (``pipeline.micro_batches``); whole without."""
+        if self.stage is None:
+            return [batch]
+        return [batch[part] for part in micro_batches([n for _, n in batch], self.stage.group.size())]
+
+    def _share_samples(self, samples: PendingSamples | None, broken: mx.array | None, requests: list,
+                       sent: list[mx.array]) -> tuple[PendingSamples, mx.array]:
+        """The last stage's samples on every rank (``PipelineStage.share_samples``)."""
+        wanted = [request.params.logprobs for request in requests]
+        asked = [n for n in wanted if n is not None]
+        num_top = min(max(asked), self.model.vocab_size) if asked else None
+        logprobs = None
+        if samples is not None and asked:
+            logprobs = (samples.logprobs, samples.top_ids, samples.top_values)
+        token_ids, broken, shared = self.stage.share_samples(
+            None if samples is None else samples.token_ids, broken, logprobs, len(requests), num_top, sent)
+        return PendingSamples(token_ids, wanted, *(shared or ())), broken
 
     def capture_all(self, progress=None) -> int:
         """Trace every decode bucket now (vLLM-style start-up capture); returns how many."""
@@ -216,8 +215,8 @@ class ModelRunner:
         arrays = decode_graph_arrays(input_ids, positions, meta)
         if self.graphs is None:
             return self._decode_step(*arrays)
-        logits, argmax = self.graphs(*arrays)
-        return logits[:num_rows], argmax[:num_rows]
+        outputs = self.graphs(*arrays)
+        return tuple(outputs) if len(outputs) == 1 else (outputs[0][:num_rows], outputs[1][:num_rows])
 
     @staticmethod
     def _take_placeholders(
@@ -237,13 +236,17 @@ class ModelRunner:
 
     def _decode_step(self, input_ids, positions, slot_blocks, slot_offsets, block_tables, context_lens,
                      state_slots, *shared_prefix):
-        """One decode token per row -> ``(logits[B, V], argmax[B])``; what the graphs capture
+        """One decode token per row -> ``(logits[B, V], argmax[B])`` (``(sent,)`` on a pipeline
+        stage before the last); what the graphs capture
         (``decode_graph_arrays``: ``mx.compile`` takes arrays, not a metadata tuple).
         ``shared_prefix``: the four arrays of a ``SharedPrefix``, or none."""
         shared = SharedPrefix(*shared_prefix) if shared_prefix else None
         meta = AttentionMetadata(slot_blocks, slot_offsets, block_tables, context_lens, shared_prefix=shared,
                                  state_slots=state_slots)
-        logits = self.model(input_ids, positions, self.cache, meta).astype(mx.float32)
+        out = self.model(input_ids, positions, self.cache, meta)
+        if self.stage is not None and not self.stage.is_last:
+            return (out,)  # the hidden states sent to the next stage
+        logits = out.astype(mx.float32)
         return logits, mx.argmax(logits, axis=-1)
 
     @property

@@ -153,5 +153,4 @@ def prepare_for_device(model: nn.Module, dtype: str) -> nn.Module:
     if compute == mx.float32:
         model = dequantize_model(model)
     model.set_dtype(compute)
-    mx.eval(model.parameters())
-    return model
+    return model  # still lazy: the loader reads the weights (all, or a pipeline stage's)

@@ -89,11 +89,8 @@ class Gemma2Model(llama.LlamaModel):
         self.norm = RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
         self.embed_scale = args.hidden_size**0.5
 
-    def __call__(self, input_ids, positions, cache, meta) -> mx.array:
-        h = self.embed_tokens(input_ids) * self.embed_scale
-        for layer in self.layers:
-            h = layer(h, positions, cache, meta)
-        return self.norm(h)
+    def embed(self, input_ids: mx.array) -> mx.array:
+        return self.embed_tokens(input_ids) * self.embed_scale
 
 
 class Model(llama.Model):

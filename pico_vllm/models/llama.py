@@ -13,12 +13,14 @@ from dataclasses import dataclass
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.nn.layers.distributed import shard_linear
+from mlx.utils import tree_flatten
 from mlx_lm.models.base import BaseModelArgs
 from mlx_lm.models.rope_utils import initialize_rope
 
 from pico_vllm.distributed import check_shardable
 from pico_vllm.layers.attention import FULL, AttentionMetadata, attention
 from pico_vllm.layers.kv_cache import KVCache, KVSpec
+from pico_vllm.pipeline import PipelineStage, split_layers
 
 
 @dataclass
@@ -117,11 +119,24 @@ class LlamaModel(nn.Module):
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
         self.layers = [layer_class(args, i) for i in range(args.num_hidden_layers)]
         self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        self.hidden_size = args.hidden_size
+        self.stage: PipelineStage | None = None  # this rank's layers, under pipeline parallelism
+
+    def embed(self, input_ids: mx.array) -> mx.array:
+        return self.embed_tokens(input_ids)
 
     def __call__(self, input_ids, positions, cache, meta) -> mx.array:
-        h = self.embed_tokens(input_ids)
+        """The final hidden states; on a pipeline stage before the last, what it sent on."""
+        stage = self.stage
+        if stage is None or stage.is_first:
+            h = self.embed(input_ids)
+        else:
+            dtype = self.layers[0].input_layernorm.weight.dtype  # the model's compute dtype
+            h = stage.receive((input_ids.shape[0], self.hidden_size), dtype)
         for layer in self.layers:
             h = layer(h, positions, cache, meta)
+        if stage is not None and not stage.is_last:
+            return stage.send(h)
         return self.norm(h)
 
 
@@ -154,7 +169,40 @@ class Model(nn.Module):
         logit_rows: mx.array | None = None,
     ) -> mx.array:
         hidden = self.model(input_ids, positions, cache, meta)
+        if self.stage is not None and not self.stage.is_last:
+            return hidden  # sent to the next stage: the last one computes the logits
         return self.compute_logits(hidden if logit_rows is None else hidden[logit_rows])
+
+    @property
+    def stage(self) -> PipelineStage | None:
+        return self.model.stage
+
+    def pipeline(self, group: mx.distributed.Group) -> PipelineStage:
+        """Keep only this rank's stage of the layers (``pipeline.split_layers``, balanced by
+        parameter bytes, what a decode step reads, the LM head's counted on the last stage);
+        their KV pool is all this rank holds. The embeddings stay on the first stage, the final
+        norm and LM head on the last (a tied head keeps the embeddings there too); layers are
+        renumbered from 0 for the pool. Lazily loaded weights stay unread: what was pruned is
+        never read, what is kept is read once the engine knows its pool fits beside it."""
+        if len(set(self.layer_windows)) > 1:
+            raise ValueError("pipeline parallelism does not split a model whose layers attend over "
+                             "different windows yet (every rank must keep the same layer groups)")
+        backbone = self.model
+        costs = [_nbytes(layer) for layer in backbone.layers]
+        head = _nbytes(backbone.embed_tokens if self.args.tie_word_embeddings else self.lm_head)
+        stage = PipelineStage(group, split_layers(costs, head, group.size())[group.rank()])
+        last = stage.is_last
+        backbone.layers = [backbone.layers[i] for i in stage.layers]
+        for i, layer in enumerate(backbone.layers):
+            layer.self_attn.layer = i
+        if not stage.is_first and not (last and self.args.tie_word_embeddings):
+            del backbone["embed_tokens"]
+        if not last:
+            del backbone["norm"]
+            if not self.args.tie_word_embeddings:
+                del self["lm_head"]
+        backbone.stage = stage
+        return stage
 
     def compute_logits(self, hidden: mx.array) -> mx.array:
         if self.args.tie_word_embeddings:
@@ -193,7 +241,7 @@ class Model(nn.Module):
         """What this model's KV pool must hold: layers, KV heads (this rank's, when sharded),
         head_dim, and the query heads beside them."""
         attn = self.model.layers[0].self_attn
-        return KVSpec(self.args.num_hidden_layers, attn.num_kv_heads, self.args.head_dim, attn.num_heads,
+        return KVSpec(len(self.model.layers), attn.num_kv_heads, self.args.head_dim, attn.num_heads,
                       self.layer_windows)
 
     @property
@@ -204,3 +252,7 @@ class Model(nn.Module):
     def layer_windows(self) -> tuple[int | None, ...]:
         """Each layer's sliding window (None: the whole context)."""
         return tuple(layer.self_attn.variant.window for layer in self.model.layers)
+
+
+def _nbytes(module: nn.Module) -> int:
+    return sum(p.nbytes for _, p in tree_flatten(module.parameters()))

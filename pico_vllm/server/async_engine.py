@@ -1,8 +1,9 @@
 """One engine thread per model, and the asyncio side that talks to it.
 
 MLX streams belong to the thread that made them, so the ``LLMEngine`` is created on its own
-thread and every step runs there; the weights are loaded (and evaluated) by the caller first, so
-a bad ``--model`` fails where the server starts. The thread is not a daemon: a daemon thread that
+thread, which loads the weights too (a pipeline stage's are read lazily, on the stream that
+evaluates them), and every step runs there; the caller waits for it, so a bad ``--model`` fails
+where the server starts. The thread is not a daemon: a daemon thread that
 had run the model made the process abort at exit ("terminate called without an active
 exception", MLX 0.32 on Linux). It stops on ``shutdown()``, or by itself within half a second of
 the main thread ending. The server's coroutines never touch it: they put
@@ -69,13 +70,7 @@ class AsyncEngine:
 
     def __init__(self, config: EngineConfig, name: str, tool_call_parser: str | None = None,
                  reasoning_parser: str | None = None) -> None:
-        loaded = load(config.model, config.dtype, config.model_impl)
         self.name = name
-        # How this model writes tool calls and whether it thinks aloud (server/chat.py).
-        template = getattr(loaded.tokenizer, "chat_template", None)
-        self.tool_parser = parser_for(loaded.config.get("model_type", ""), template, tool_call_parser)
-        self.reasoning = reasoning_parser is not None
-        self.special_tokens = set(getattr(loaded.tokenizer, "all_special_tokens", []))
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._ids = itertools.count()
@@ -87,12 +82,19 @@ class AsyncEngine:
         # loop touches it.
         self._live_by_owner: Counter[str] = Counter()
         self.engine: LLMEngine | None = None
-        self._thread = threading.Thread(target=self._run, args=(config, loaded), name=f"engine-{name}",
+        self._loaded: LoadedModel | None = None  # what the engine thread loaded
+        self._thread = threading.Thread(target=self._run, args=(config,), name=f"engine-{name}",
                                         daemon=False)
         self._thread.start()
         self._ready.wait()
         if self._startup_error is not None:
             raise self._startup_error
+        loaded = self._loaded
+        # How this model writes tool calls and whether it thinks aloud (server/chat.py).
+        template = getattr(loaded.tokenizer, "chat_template", None)
+        self.tool_parser = parser_for(loaded.config.get("model_type", ""), template, tool_call_parser)
+        self.reasoning = reasoning_parser is not None
+        self.special_tokens = set(getattr(loaded.tokenizer, "all_special_tokens", []))
 
     def failure_message(self) -> str | None:
         """Why this engine stopped serving (its thread died), or None while it serves."""
@@ -157,9 +159,11 @@ class AsyncEngine:
         self._commands.put(None)
         self._thread.join(timeout=10)
 
-    def _run(self, config: EngineConfig, loaded: LoadedModel) -> None:
+    def _run(self, config: EngineConfig) -> None:
         try:
-            self.engine = LLMEngine(config, loaded)
+            self._loaded = load(config.model, config.dtype, config.model_impl,
+                                lazy=config.pipeline_parallel_size > 1)
+            self.engine = LLMEngine(config, self._loaded)
             doorbell = distributed.Doorbell(self.engine.group) if self.engine.group is not None else None
         except BaseException as e:  # the caller re-raises it
             self._startup_error = e

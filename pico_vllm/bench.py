@@ -26,7 +26,7 @@ single-stream case is ``--max-num-seqs 1``), ``online`` (Poisson arrivals in rea
 reporting vLLM's ``bench serve`` metrics — TTFT, TPOT, ITL — over a sweep of rates; the
 pico-vllm engines only), ``online-shared`` (the same with ``shared-prefix``'s requests: every
 arrival shares a system prompt; not in the default selection), ``steps`` (a decode step at
-batch 1 and 8 and a 512-token prefill,
+batch 1, 8 and 32 and a 512-token prefill,
 timed on each pico-vllm engine in turn, repeated: the model code's own speed) and
 ``structured`` (a decode step at batch 8 with 0, 4 and 8 rows held to a grammar, and the first
 token's delay for a new schema, a compiled one and none); the last two are not in the default
@@ -141,8 +141,20 @@ def _chat(tokenizer, text: str) -> list[int]:
     return list(tokenizer.encode(text))
 
 
-def check_selection(workloads: list[str], engines: list[str], speculative_config: dict | None = None) -> None:
+def check_selection(workloads: list[str], engines: list[str], speculative_config: dict | None = None,
+                    pipeline_parallel_size: int = 1) -> None:
     """ValueError for a selection that would measure nothing (before any model is loaded)."""
+    if pipeline_parallel_size > 1:
+        unsplit = [e for e in engines if not e.startswith("pico-vllm") or e in ("pico-vllm spec",
+                                                                                 "pico-vllm mlx-lm")]
+        if unsplit:
+            raise ValueError(f"--pipeline-parallel-size splits the pico-vllm engines of our own model files "
+                             f"(pico-vllm, eager, no-cascade), not {', '.join(unsplit)}: bench those in "
+                             "one process, without it")
+        timed = [w for w in workloads if w in ONLINE]
+        if timed:  # each rank would admit arrivals by its own clock: their schedules would part
+            raise ValueError(f"--pipeline-parallel-size runs the offline workloads and steps, not "
+                             f"{', '.join(timed)} (arrivals in real time)")
     if "mlx-lm speculative" in engines and (speculative_config or {}).get("model") is None:
         raise ValueError("the mlx-lm speculative engine needs a draft model: --speculative-config "
                          "'{\"model\": \"<path or id>\", \"num_speculative_tokens\": 4}'")
@@ -197,7 +209,8 @@ def format_table(results: list[Result], facts: dict) -> str:
     steps = [r for r in results if r.workload == "steps"]
     if steps:
         lines += [""] if lines else []
-        lines.append(f"{'steps engine':<18} {'decode b1 ms':>12} {'decode b8 ms':>12} {'prefill 512 ms':>14}"
+        lines.append(f"{'steps engine':<18} {'decode b1 ms':>12} {'decode b8 ms':>12} {'decode b32 ms':>13} "
+                     f"{'prefill 512 ms':>14}"
                      "  (median of repeats [min-max]; ratio to pico-vllm)")
         base = next((r.extra for r in steps if r.engine == "pico-vllm"), None)
         for r in steps:
@@ -225,7 +238,7 @@ def format_table(results: list[Result], facts: dict) -> str:
     return "\n".join(lines)
 
 
-STEP_KEYS = ("decode_b1", "decode_b8", "prefill_512")
+STEP_KEYS = ("decode_b1", "decode_b8", "decode_b32", "prefill_512")
 STRUCTURED_KEYS = ("constrained_0_of_8", "constrained_4_of_8", "constrained_8_of_8",
                    "first_token_free", "first_token_new_schema", "first_token_compiled_schema")
 

@@ -114,7 +114,7 @@ def run_online(engine: LLMEngine, workload: Workload, rate: float, seed: int = 0
 
 
 def run_steps(engines: dict[str, LLMEngine], vocab_size: int, repeats: int) -> dict[str, dict]:
-    """Per engine: (min, median, max) seconds of a decode step at batch 1 and at batch 8 (64-token
+    """Per engine: (min, median, max) seconds of a decode step at batch 1, 8 and 32 (64-token
     prompts, 32 steps timed after every sequence has its first token) and of a 512-token prefill
     (one request, one token), the engines taking turns ``repeats`` times so that drift on the
     machine touches them alike."""
@@ -144,6 +144,7 @@ def run_steps(engines: dict[str, LLMEngine], vocab_size: int, repeats: int) -> d
         for name, engine in engines.items():
             times[name]["decode_b1"].append(decode_step(engine, 1))
             times[name]["decode_b8"].append(decode_step(engine, 8))
+            times[name]["decode_b32"].append(decode_step(engine, 32))
             times[name]["prefill_512"].append(prefill(engine))
             engine.reset_prefix_cache()
     return {name: {key: (min(v), float(np.median(v)), max(v)) for key, v in runs.items()}
@@ -229,19 +230,26 @@ def benchmark(
     max_num_seqs: int = 32,
     progress: bool = True,
     speculative_config: dict | None = None,
+    pipeline_parallel_size: int = 1,
 ) -> tuple[list[Result], dict]:
     """Run ``workloads`` x ``engines``; returns the results and the machine facts. Every engine
     first runs each workload's requests once untimed (graphs traced, MLX's buffer cache grown),
     with the prefix cache reset before each timed run, online rates included. The spec engine
-    runs ``speculative_config`` (default ``SPECULATIVE_DEFAULT``)."""
-    check_selection(workloads, engines, speculative_config)
-    loaded = load(model)
+    runs ``speculative_config`` (default ``SPECULATIVE_DEFAULT``). With ``pipeline_parallel_size``
+    above 1 every rank of ``mlx.launch`` runs this, each pico-vllm engine loading its own stage
+    of the layers (facts' ``rank`` says which rank's results these are)."""
+    check_selection(workloads, engines, speculative_config, pipeline_parallel_size)
+    split = pipeline_parallel_size > 1
+    loaded = load(model, lazy=split)  # split: read only for its sizes; each engine loads its stage
+    rank = mx.distributed.init().rank() if split else 0
+    progress = progress and rank == 0
     num_params = sum(p.size for _, p in tree_flatten(loaded.model.parameters()))
     vocab = loaded.model.vocab_size
     facts = {"model": loaded.name, "parameters": num_params,
              "peak_matmul_flops": peak_matmul_flops(loaded.config["hidden_size"]),
              "device": str(mx.default_device()), "quick": quick,
-             "speculative_config": speculative_config or SPECULATIVE_DEFAULT}
+             "speculative_config": speculative_config or SPECULATIVE_DEFAULT,
+             "pipeline_parallel_size": pipeline_parallel_size, "rank": rank}
     offline = [w for w in workloads if w not in PICO_ONLY]
     pico_names = [e for e in engines if e.startswith("pico-vllm")]
     used = [e for e in engines if offline or (e in pico_names and set(workloads) & set(PICO_ONLY))]
@@ -250,7 +258,8 @@ def benchmark(
                 model=model, max_num_seqs=max_num_seqs, enforce_eager=name.endswith("eager"),
                 disable_cascade_attn=name.endswith("no-cascade"),
                 speculative_config=facts["speculative_config"] if name.endswith("spec") else None,
-            ), pico_model(name, loaded))
+                pipeline_parallel_size=pipeline_parallel_size,
+            ), None if split else pico_model(name, loaded))
             for name in used if name.startswith("pico-vllm")}
     draft_twin, spec = None, SpeculativeConfig.from_dict(facts["speculative_config"])
     if "mlx-lm speculative" in used:  # the spec engine's draft, as mlx-lm's own model class

@@ -114,7 +114,7 @@ def test_bench_rejects_an_online_run_without_a_pico_vllm_engine(capsys):
 @pytest.mark.slow
 def test_the_steps_workload_times_our_model_file_against_mlx_lm_code_on_the_same_weights(
         random_model, tmp_path, capsys):
-    """Decode at batch 1 and 8 and a 512-token prefill, for our own file's engine and the adapter
+    """Decode at batch 1, 8 and 32 and a 512-token prefill, for our own file's engine and the adapter
     engine (mlx-lm's model class on the same arrays), with each one's ratio to our file."""
     model = random_model("llama", head_dim=32, vocab_size=512)
     code = cli_main(["bench", "--model", str(model), "--quick", "--workload", "steps", "--engine",
@@ -122,13 +122,13 @@ def test_the_steps_workload_times_our_model_file_against_mlx_lm_code_on_the_same
     assert code == 0
     printed = capsys.readouterr().out
     table = printed.split("steps engine")[1].splitlines()
-    assert "decode b1 ms" in table[0] and "prefill 512 ms" in table[0]
-    assert table[1].startswith("pico-vllm ") and table[1].count("1.00x") == 3  # our file against itself
-    assert table[2].startswith("pico-vllm mlx-lm") and len(re.findall(r"\d\.\d\dx", table[2])) == 3
+    assert "decode b1 ms" in table[0] and "decode b32 ms" in table[0] and "prefill 512 ms" in table[0]
+    assert table[1].startswith("pico-vllm ") and table[1].count("1.00x") == 4  # our file against itself
+    assert table[2].startswith("pico-vllm mlx-lm") and len(re.findall(r"\d\.\d\dx", table[2])) == 4
     results = json.loads((tmp_path / "results.json").read_text())["results"]
     assert [r["engine"] for r in results] == ["pico-vllm", "pico-vllm mlx-lm"]
     for r in results:
-        assert set(r["extra"]) == {"decode_b1", "decode_b8", "prefill_512"}
+        assert set(r["extra"]) == {"decode_b1", "decode_b8", "decode_b32", "prefill_512"}
         assert all(0 < low <= mid <= high for low, mid, high in r["extra"].values())
 
 

@@ -16,16 +16,18 @@ over the same requests, so block tables agree without messages; the pool size is
 any rank can hold.
 
 **Micro-batches** keep the stages busy at once where a step carries prompt chunks: its
-sequences are split into as many parts as there are stages, and each part goes down the
-pipeline on its own, so stage 1 computes part 1 while stage 0 computes part 2 (MLX evaluates a
-rank's graph in order: part 1's send goes out before part 2's layers run). With ``S`` stages and
-``S`` parts a step keeps each stage idle for ``(S - 1) / (2S - 1)`` of it at best (a third for
-two stages), against ``(S - 1) / S`` without parts. That pays where compute is the cost
-(prefill); a decode step's cost is reading the weights, once per part, so decode steps go whole.
+tokens are split into as many parts as there are stages (between sequences, or inside a long
+chunk), and each part goes down the pipeline on its own, so stage 1 computes part 1 while
+stage 0 computes part 2 (MLX evaluates a rank's graph in order: part 1's send goes out before
+part 2's layers run). With ``S`` stages and ``S`` parts a step keeps each stage idle for
+``(S - 1) / (2S - 1)`` of it at best (a third for two stages), against ``(S - 1) / S`` without
+parts. That pays where compute is the cost (prefill); a decode step's cost is reading the
+weights, once per part, so decode steps go whole.
 """
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -71,24 +73,35 @@ def split_layers(layer_costs: Sequence[float], head_cost: float, size: int) -> l
     return slices
 
 
-def micro_batches(num_tokens: Sequence[int], parts: int) -> list[slice]:
-    """A step's sequences (``num_tokens`` each) in at most ``parts`` contiguous, non-empty parts
-    of about equal tokens: where the parts are cut. A step of decodes only (one token each)
-    stays whole: its cost is reading each stage's weights, which every part would read again
-    (measured: 2 parts made a 2-stage decode step 2.3x slower at batch 8, 1.6x at batch 32)."""
-    if all(n == 1 for n in num_tokens):
-        return [slice(0, len(num_tokens))]
-    parts = min(parts, len(num_tokens))
-    total, done, cuts = sum(num_tokens), 0, []
-    for i, n in enumerate(num_tokens[:-1]):
-        done += n
-        wanted, left = parts - 1 - len(cuts), len(num_tokens) - i - 1
-        # Cut once this part has its share of the tokens, or where every part to come needs
-        # one of the sequences left.
-        if wanted and (done * parts >= total * (len(cuts) + 1) or left == wanted):
-            cuts.append(i + 1)
-    bounds = [0, *cuts, len(num_tokens)]
-    return [slice(a, b) for a, b in zip(bounds, bounds[1:])]
+Piece = tuple[int, int, int]  # a sequence's index in the step, the first of its chunk's tokens, how many
+MIN_PIECE = 2  # tokens in each piece of a cut chunk: a one-token piece would look like a decode
+
+
+def micro_batches(num_tokens: Sequence[int], parts: int) -> list[list[Piece]]:
+    """A step's sequences (``num_tokens`` each, decodes first) in at most ``parts`` parts of
+    about equal tokens, each a list of pieces: a long prompt chunk may be cut between two parts
+    (its second piece attends over the first's K/V, which the same stage wrote just before), so
+    one long prompt fills the pipeline too. A step of decodes only (one token each) stays whole:
+    its cost is reading each stage's weights, which every part would read again (measured: 2
+    parts made a 2-stage decode step 2.3x slower at batch 8, 1.6x at batch 32)."""
+    whole = [[(i, 0, n) for i, n in enumerate(num_tokens)]]
+    if parts < 2 or all(n == 1 for n in num_tokens):
+        return whole
+    starts = [0]
+    for n in num_tokens:
+        starts.append(starts[-1] + n)
+    total, cuts = starts[-1], set()
+    for k in range(1, parts):
+        cut = total * k // parts
+        i = bisect.bisect_right(starts, cut) - 1  # the sequence whose chunk holds token ``cut``
+        inner = cut - starts[i]
+        if inner and not MIN_PIECE <= inner <= num_tokens[i] - MIN_PIECE:  # to its nearer end
+            inner = 0 if 2 * inner < num_tokens[i] else num_tokens[i]
+        cuts.add(starts[i] + inner)
+    bounds = [0, *sorted(c for c in cuts if 0 < c < total), total]
+    return [[(i, max(a, start) - start, min(b, start + n) - max(a, start))
+             for i, (start, n) in enumerate(zip(starts, num_tokens)) if max(a, start) < min(b, start + n)]
+            for a, b in zip(bounds, bounds[1:])]
 
 
 @dataclass(frozen=True)

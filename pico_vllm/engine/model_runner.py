@@ -98,8 +98,8 @@ class ModelRunner:
         drafts = out.drafts
         # Under pipeline parallelism the step goes down the stages in parts (micro-batches).
         parts = []
-        for part in self._micro_batches(batch):
-            forward = self._forward(part, drafts, previous)
+        for part, offsets in self._micro_batches(batch):
+            forward = self._forward(part, drafts, previous, offsets)
             parts.append(forward)
             if self.stage is not None:
                 # Handed to MLX part by part: a stage's sends and receives have no inputs to
@@ -129,18 +129,19 @@ class ModelRunner:
         return PendingStep(seqs, samples, self.cache.state, drafts, broken, cascade, sent)
 
     def _forward(self, batch: list[tuple[Sequence, int]], drafts: dict[Sequence, list[int]],
-                 previous: PendingStep | None) -> _Forward:
-        """One forward over ``batch`` (the whole step, or one micro-batch of it)."""
+                 previous: PendingStep | None, offsets: dict[Sequence, int]) -> _Forward:
+        """One forward over ``batch`` (the whole step, or one micro-batch of it, in which a
+        chunk's piece may start ``offsets[seq]`` tokens into the chunk)."""
         # A sequence samples once every token it knows (and its drafts) has its K/V computed.
         rows = [
             i for i, (seq, n) in enumerate(batch)
-            if seq.num_computed_tokens + n == seq.num_tokens + len(drafts.get(seq, ()))
+            if seq.num_computed_tokens + offsets.get(seq, 0) + n == seq.num_tokens + len(drafts.get(seq, ()))
         ]
         seqs = [batch[i][0] for i in rows]
         requests = seqs
         decode_only = all(n == 1 for _, n in batch)
         pad_rows, pad_width = self._graph_bucket(batch) if decode_only else (None, None)
-        input_ids, positions, meta = self.prepare(batch, drafts, pad_rows, pad_width)
+        input_ids, positions, meta = self.prepare(batch, drafts, pad_rows, pad_width, offsets)
         input_ids = self._take_placeholders(input_ids, batch, previous)
         cascade = meta.shared_prefix is not None
         if decode_only:
@@ -167,11 +168,15 @@ class ModelRunner:
             return _Forward(seqs, requests, cascade, sent=out)
         return _Forward(seqs, requests, cascade, out.astype(mx.float32))
 
-    def _micro_batches(self, batch: list[tuple[Sequence, int]]) -> list[list[tuple[Sequence, int]]]:
-        """``batch`` in one part per pipeline stage (``pipeline.micro_batches``); whole without."""
+    def _micro_batches(self, batch: list[tuple[Sequence, int]]
+                       ) -> list[tuple[list[tuple[Sequence, int]], dict[Sequence, int]]]:
+        """``batch`` in one part per pipeline stage (``pipeline.micro_batches``), each with
+        where its pieces of cut chunks start; whole without."""
         if self.stage is None:
-            return [batch]
-        return [batch[part] for part in micro_batches([n for _, n in batch], self.stage.group.size())]
+            return [(batch, {})]
+        parts = micro_batches([n for _, n in batch], self.stage.group.size())
+        return [([(batch[i][0], n) for i, _, n in part],
+                 {batch[i][0]: first for i, first, _ in part if first}) for part in parts]
 
     def _share_samples(self, samples: PendingSamples | None, broken: mx.array | None, requests: list,
                        sent: list[mx.array]) -> tuple[PendingSamples, mx.array]:
@@ -284,7 +289,7 @@ class ModelRunner:
 
     def prepare(
         self, batch: list[tuple[Sequence, int]], drafts: dict[Sequence, list[int]] | None = None,
-        rows: int | None = None, width: int | None = None,
+        rows: int | None = None, width: int | None = None, offsets: dict[Sequence, int] | None = None,
     ) -> tuple[mx.array, mx.array, AttentionMetadata]:
         """Flat ``input_ids[T]``, ``positions[T]`` and the attention metadata of a step; a
         sequence's ``drafts`` follow its known tokens. The one builder of every step's arrays:
@@ -293,15 +298,16 @@ class ModelRunner:
         ``batch`` must list single-token queries before multi-token chunks. A decode-only step
         may be padded to a graph bucket: ``rows`` single-token rows (the padding: token 0 at
         position 0, written to the scratch block, over a context of length 0) and block tables
-        ``width`` blocks wide.
+        ``width`` blocks wide. ``offsets``: a chunk's piece (pipeline micro-batches) starts that
+        many tokens after the sequence's computed ones.
         """
-        drafts = drafts or {}
+        drafts, offsets = drafts or {}, offsets or {}
         bs, groups, scratch = self.block_size, len(self.cache.layout.windows), self.cache.scratch_block
         ids, pos, slot_blocks = [], [], []
         decode_tables, decode_lens, decode_slots, prefills = [], [], [], []
         start = 0
         for seq, n in batch:
-            first = seq.num_computed_tokens
+            first = seq.num_computed_tokens + offsets.get(seq, 0)
             positions = np.arange(first, first + n, dtype=np.int32)
             context_len = first + n
             table = self._tables(seq, blocks_for(context_len, bs))

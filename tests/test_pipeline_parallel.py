@@ -1,5 +1,6 @@
 """Pipeline parallelism: 2 ranks on 127.0.0.1 (`mlx.launch --backend ring -n 2`), each holding a
-slice of the layers and their KV pool, decode what one process decodes (tokens and logprobs);
+slice of the layers and their KV pool, decode what one process decodes (tokens and logprobs;
+our own model files and mlx-lm's code through the adapter);
 the split balances parameter bytes, a step goes down the stages in micro-batches, a stage reads
 only its own weights, and what is not split yet fails at start-up with a clear error."""
 
@@ -118,10 +119,6 @@ def test_what_pipeline_parallelism_does_not_split_yet_fails_before_the_launch(ra
     llama = str(random_model("llama", head_dim=32))
     with pytest.raises(ValueError, match=r"pipeline_parallel_size 2 needs 2 processes started by mlx.launch"):
         LLMEngine(EngineConfig(model=llama, num_blocks=8, pipeline_parallel_size=2))
-    with pytest.raises(ValueError, match=r"pipeline parallelism splits pico-vllm's own model files .* "
-                                         r"MlxLmModel \('mixtral'\) is not split by layers yet"):
-        LLMEngine(EngineConfig(model=str(random_model("mixtral", head_dim=32)), num_blocks=8,
-                               pipeline_parallel_size=2))
     with pytest.raises(ValueError, match="speculative decoding is not served with pipeline parallelism"):
         LLMEngine(EngineConfig(model=llama, num_blocks=8, pipeline_parallel_size=2,
                                speculative_config={"method": "ngram"}))
@@ -131,10 +128,36 @@ def test_what_pipeline_parallelism_does_not_split_yet_fails_before_the_launch(ra
         EngineConfig(pipeline_parallel_size=0)
 
 
-def test_layers_of_different_windows_are_not_split_yet(random_model):
-    model = load(str(random_model("gemma2", head_dim=32, num_hidden_layers=4))).model
+@pytest.mark.parametrize("arch", ["gemma2", "gpt_oss"])  # our own file, and mlx-lm's through the adapter
+def test_layers_of_different_windows_are_not_split_yet(random_model, arch):
+    model = load(str(random_model(arch, head_dim=32))).model
     with pytest.raises(ValueError, match="does not split a model whose layers attend over different windows"):
         model.pipeline(StubGroup(0, 2))
+
+
+def test_a_hybrid_models_recurrent_layers_are_not_split_yet(random_model):
+    model = load(str(random_model("lfm2", head_dim=16, num_hidden_layers=4, intermediate_size=128))).model
+    with pytest.raises(ValueError, match="mlx-lm's 'lfm2' keeps recurrent state in its linear layers, which "
+                                         "pipeline parallelism does not split yet"):
+        model.pipeline(StubGroup(0, 2))
+
+
+@pytest.mark.parametrize("rank,kept", [(0, [0, 1, 2]), (1, [3, 4])])
+def test_an_mlx_lm_stage_skips_the_other_stages_layers_and_keeps_their_indices(random_model, rank, kept):
+    """mlx-lm's own loop runs unchanged: the layers list keeps its length; another stage's
+    layers hold no weights, the first kept one receives (after stage 0), the last sends (before
+    the last stage)."""
+    from pico_vllm.models.mlx_lm_pipeline import ReceivingLayer, SendingLayer, SkippedLayer
+
+    model = load(str(random_model("mixtral", head_dim=32, num_hidden_layers=5))).model
+    full = nbytes(model)
+    stage = model.pipeline(StubGroup(rank, 2))
+    layers = model.model.layers
+    assert list(stage.layers) == kept and len(layers) == 5 and model.kv_spec.num_layers == len(kept)
+    assert [i for i, layer in enumerate(layers) if not isinstance(layer, SkippedLayer)] == kept
+    assert isinstance(layers[kept[0]], ReceivingLayer) == (rank == 1)
+    assert isinstance(layers[kept[-1]], SendingLayer) == (rank == 0)
+    assert 0 < nbytes(model) < 0.8 * full
 
 
 @pytest.mark.slow
@@ -168,6 +191,30 @@ def test_two_stages_decode_what_one_process_decodes_holding_half_the_layers(rand
                     pytest.approx([v for _, v in s], abs=1e-4) for s in want.top_logprobs]
             assert report["kv_layers"] == len(own) and report["preemptions"] > 0
             assert report["param_bytes"] < nbytes(full)
+
+
+@pytest.mark.slow
+def test_mlx_lm_models_split_by_layers_through_the_adapter_decode_what_one_process_decodes(random_model,
+                                                                                           tmp_path):
+    """Mixtral's experts and Gemma (its backbone scales the embeddings, which a receiving stage
+    ignores) run mlx-lm's own code on each stage: tokens equal one process's."""
+    models = [random_model("mixtral", head_dim=32, num_hidden_layers=5),
+              random_model("gemma", head_dim=32, num_hidden_layers=5)]
+    specs = [{"model": str(m), "engine": ENGINE, "prompts": PROMPTS, "max_tokens": 16,
+              "parallel": "pipeline"} for m in models]
+    result = launch_worker(tmp_path, specs, timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    ranks = [json.loads((tmp_path / f"out.rank{r}.json").read_text()) for r in (0, 1)]
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    for i, path in enumerate(models):
+        single = LLM(str(path), **ENGINE)
+        assert type(single.engine.model).__name__ == "MlxLmModel"
+        expected = [o.token_ids for o in single.generate(PROMPTS, params, use_tqdm=False)]
+        assert [rank[i]["layers"] for rank in ranks] == [[0, 3], [3, 5]]
+        for rank in ranks:
+            assert rank[i]["tokens"] == expected, f"{path.name}: tokens differ"
+            assert rank[i]["kv_layers"] == rank[i]["layers"][1] - rank[i]["layers"][0]
+            assert rank[i]["preemptions"] > 0 and rank[i]["param_bytes"] < nbytes(single.engine.model)
 
 
 @pytest.mark.slow

@@ -120,7 +120,7 @@ class LLMEngine:
             self._check_samples = distributed.check_samples_enabled()
             self.model.shard(self.group)
         if config.pipeline_parallel_size > 1:
-            _check_pipeline(self.model, config)
+            _check_pipeline(config)
             self.group = distributed.launched_group(config.pipeline_parallel_size, "pipeline_parallel_size")
             self._check_samples = distributed.check_samples_enabled()
             self.stage = self.model.pipeline(self.group)
@@ -449,15 +449,11 @@ class LLMEngine:
         return list(prompt)
 
 
-def _check_pipeline(model, config: EngineConfig) -> None:
-    """What pipeline parallelism does not split or serve yet: a clear error before the launch."""
+def _check_pipeline(config: EngineConfig) -> None:
+    """What pipeline parallelism does not serve yet: a clear error before the launch."""
     if config.speculative_config is not None:
         raise ValueError("speculative decoding is not served with pipeline parallelism yet: drop "
                          "speculative_config or --pipeline-parallel-size")
-    if not hasattr(model, "pipeline"):
-        raise ValueError(f"pipeline parallelism splits pico-vllm's own model files (Llama, Mistral, Qwen2, "
-                         f"Qwen3) for now; {type(model).__name__} ({model.model_type!r}) is not split by "
-                         "layers yet")
 
 
 def _check_hybrid(config: EngineConfig) -> None:

@@ -49,7 +49,15 @@ from pico_vllm.layers.attention import AttentionMetadata, AttentionVariant, atte
 from pico_vllm.layers.kv_cache import KVCache, KVSpec
 from pico_vllm.layers.state_pool import StateSpec
 from pico_vllm.models.mlx_lm_caches import CacheEntry, build_views, cache_layout, flat
+from pico_vllm.models.mlx_lm_pipeline import (
+    Outbox,
+    check_splittable,
+    hidden_dtype,
+    layer_list,
+    split_backbone,
+)
 from pico_vllm.models.mlx_lm_state import ProbeStateView, StateView, route_mixers
+from pico_vllm.pipeline import PipelineStage
 
 logger = logging.getLogger("pico_vllm.models")
 
@@ -189,6 +197,8 @@ class MlxLmModel(nn.Module):
         self.state_spec = probe_states(model, model_type, self.layout)  # None: no linear layers
         self.plan, self.vocab_size = probe(model, model_type, self.layout, self._kv_kinds)
         self.supports_graphs = _traces_under_compile(model, self.layout)
+        self.stage: PipelineStage | None = None  # this rank's layers, under pipeline parallelism
+        self._outbox: Outbox | None = None  # what a stage before the last sends on
 
     def __call__(
         self,
@@ -199,22 +209,27 @@ class MlxLmModel(nn.Module):
         logit_rows: mx.array | None = None,
     ) -> mx.array:
         views, states = [], []
+        stage = self.stage
 
         def kv_view(layer: int) -> LayerView:
-            views.append(LayerView(layer, positions, cache, meta))
+            if stage is not None and layer not in stage.layers:
+                return LayerView(-1, positions, cache, meta)  # another stage's: only asked for masks
+            views.append(LayerView(layer - (stage.layers.start if stage else 0), positions, cache, meta))
             return views[-1]
 
         def state_view(entry: CacheEntry) -> StateView:
             states.append(StateView(entry.index, cache.states, meta))
             return states[-1]
 
-        caches = StepCaches(build_views(self.layout, kv_view, state_view), logit_rows)
+        sends = stage is not None and not stage.is_last  # then the LM head runs on no rows
+        caches = StepCaches(build_views(self.layout, kv_view, state_view),
+                            mx.zeros((0,), mx.int32) if sends else logit_rows)
         logits = self.model(input_ids[:, None], cache=caches)
         for view in views:  # what the probe checked, kept true at every trace
             assert view.writes == 1 and view.attends == 1, (view.layer, view.writes, view.attends)
         for view in states:
             assert view.calls == 1, (view.layer, view.calls)
-        return logits[:, 0]
+        return self._outbox.sent if sends else logits[:, 0]
 
     @property
     def kv_spec(self) -> KVSpec:
@@ -237,6 +252,20 @@ class MlxLmModel(nn.Module):
         self.model.shard(group)
         mx.eval(self.model.parameters())
         self.plan, _ = probe(self.model, self.model_type, self.layout, self._kv_kinds)
+
+
+    def pipeline(self, group: mx.distributed.Group) -> PipelineStage:
+        """Keep only this rank's stage of mlx-lm's layers (``mlx_lm_pipeline.py``), balanced by
+        parameter bytes; the pool holds those layers only. Refused, with the reason, for what
+        a stage could not run exactly."""
+        check_splittable(self.model_type, self.layout, self.layer_windows, self.state_spec is not None)
+        layers = layer_list(_backbone(self.model, self.model_type), len(self.layout), self.model_type)
+        views = probe_views(self.layout)[0]
+        dtype = hidden_dtype(layers, lambda: _probe_forward(self.model, self.model_type, views),
+                             self.model_type)
+        self.stage, self._outbox = split_backbone(layers, self.model, group, dtype)
+        self.plan = tuple(self.plan[i] for i in self.stage.layers)
+        return self.stage
 
 
 def probe_views(layout: list) -> tuple[list, list[ProbeView], list[ProbeStateView]]:

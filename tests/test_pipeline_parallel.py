@@ -180,8 +180,15 @@ def test_two_stages_decode_what_one_process_decodes_holding_half_the_layers(rand
         layers = [range(*rank[i]["layers"]) for rank in ranks]
         num_layers = len(full.model.layers)
         assert (layers[0].start, layers[0].stop, layers[1].stop) == (0, layers[1].start, num_layers)
-        for rank, own in zip(ranks, layers):
+        tied = "lm_head" not in full
+        for r, (rank, own) in enumerate(zip(ranks, layers)):
             report = rank[i]
+            # Exactly its layers, plus the embeddings on the first stage (and on the last when
+            # they are the LM head), the final norm and the LM head on the last.
+            held = sum(nbytes(full.model.layers[j]) for j in own)
+            held += nbytes(full.model.embed_tokens) * (r == 0 or tied)
+            held += (nbytes(full.model.norm) + (0 if tied else nbytes(full.lm_head))) * (r == 1)
+            assert report["param_bytes"] == held
             assert report["tokens"] == [o.token_ids for o in expected], f"{path.name}: tokens differ"
             for logprobs, top, want in zip(report["logprobs"], report["top_logprobs"], expected):
                 assert logprobs == pytest.approx(want.logprobs, abs=1e-4)
@@ -190,7 +197,6 @@ def test_two_stages_decode_what_one_process_decodes_holding_half_the_layers(rand
                 assert [[v for _, v in step] for step in top] == [
                     pytest.approx([v for _, v in s], abs=1e-4) for s in want.top_logprobs]
             assert report["kv_layers"] == len(own) and report["preemptions"] > 0
-            assert report["param_bytes"] < nbytes(full)
 
 
 @pytest.mark.slow

@@ -50,6 +50,11 @@ class _Forward(NamedTuple):
     sent: mx.array | None = None
 
 
+def _joined(arrays: list[mx.array]) -> mx.array:
+    """The parts' rows as one array (no copy for a step in one part)."""
+    return arrays[0] if len(arrays) == 1 else mx.concatenate(arrays)
+
+
 def decode_graph_arrays(input_ids: mx.array, positions: mx.array, meta: AttentionMetadata) -> list[mx.array]:
     """A decode-only step's arrays, flat, as ``ModelRunner._decode_step`` (a graph) takes them."""
     return [input_ids, positions, meta.slot_blocks, meta.slot_offsets, meta.block_tables, meta.context_lens,
@@ -116,10 +121,10 @@ class ModelRunner:
             return PendingStep([], None, self.cache.state, cascade=cascade, sent=sent)
         samples = broken = None
         if self.stage is None or self.stage.is_last:
-            logits = mx.concatenate([part.logits for part in parts if part.seqs])
+            logits = _joined([part.logits for part in parts if part.seqs])
             argmaxes = [part.argmax for part in parts if part.seqs]
             if all(a is not None for a in argmaxes) and self.sampler.is_plain_argmax(seqs):
-                samples = PendingSamples(mx.concatenate(argmaxes), [None] * len(seqs))
+                samples = PendingSamples(_joined(argmaxes), [None] * len(seqs))
             else:
                 samples = self.sampler.sample(logits, requests)
             # A row whose logits hold NaN or +inf (a broken checkpoint, an overflow) fails its request.

@@ -10,9 +10,12 @@ indices; only its entries change:
 - on every stage but the last, the stage's last layer is wrapped in :class:`SendingLayer`: its
   output goes to the next stage (the adapter returns that send; the LM head runs on no rows).
 
-The embeddings and the LM head stay on every rank (the backbone calls them; a stage that does
-not need them runs them on nothing but the embedding lookup) — the memory they take on the
-middle stages is the price of leaving mlx-lm's code untouched.
+The embeddings and the LM head stay on every rank: the backbone calls them, so a stage that
+does not need them still looks the embeddings up (the receiving layer ignores them) and runs
+the head on no rows. The memory they take on the other stages is the price of leaving
+mlx-lm's code untouched. A stage receives hidden states of the one dtype a probe forward found
+between every two layers (:func:`hidden_dtype`); layers that return more than their hidden
+states, or change dtype, are refused.
 """
 
 from __future__ import annotations

@@ -276,3 +276,18 @@ def test_bench_refuses_what_it_cannot_split_before_loading(argv, message, capsys
     split = [] if "--pipeline-parallel-size" in argv else ["--pipeline-parallel-size", "2"]
     assert cli_main(["bench", *split, *argv]) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_every_served_architecture_splits_exactly_or_is_refused_with_its_reason():
+    """``pipeline_walk.py`` over every architecture the engine serves: none decodes differently
+    on 2 stages, and every refusal is one of the reasons the README gives."""
+    result = launch([str(Path(__file__).parent / "pipeline_walk.py")], timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [line for line in result.stdout.splitlines() if ": " in line]
+    assert lines and not [line for line in lines if "MISMATCH" in line]
+    reasons = ("keeps recurrent state in its linear layers", "attend over different windows",
+               "return more than their hidden states", "does not keep one K/V cache per decoder layer")
+    refused = [line for line in lines if ": refused: " in line]
+    assert all(any(reason in line for reason in reasons) for line in refused), refused
+    assert sum(": split" in line for line in lines) >= 50  # what the adapter and our files split

@@ -32,8 +32,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
 
 Logprobs = tuple[mx.array, mx.array, mx.array]  # each row's logprob, top ids, top values
+
+
+def parameter_bytes(module: nn.Module) -> int:
+    """The bytes of ``module``'s parameters (what a forward through it reads)."""
+    return sum(p.nbytes for _, p in tree_flatten(module.parameters()))
 
 
 def split_layers(layer_costs: Sequence[float], head_cost: float, size: int) -> list[range]:

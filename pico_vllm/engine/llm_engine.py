@@ -94,7 +94,7 @@ class LLMEngine:
     def __init__(self, config: EngineConfig | None = None, loaded: LoadedModel | None = None):
         """Load ``config.model`` (or use an already ``loaded`` one) and size the KV pool."""
         config = config or EngineConfig()
-        # A pipeline stage reads only its own layers' weights (Model.pipeline evaluates them).
+        # A pipeline stage reads only its own layers' weights (evaluated once its pool is sized).
         loaded = loaded or load(config.model, config.dtype, config.model_impl,
                                 lazy=config.pipeline_parallel_size > 1)
         self.model, self.tokenizer = loaded.model, loaded.tokenizer

@@ -8,6 +8,7 @@ import mlx.nn as nn
 
 from metal_kernels import metal_available
 from pico_vllm.config import CPU_KV_CACHE_BYTES, EngineConfig
+from pico_vllm.pipeline import parameter_bytes
 
 # Fraction of the free Metal working set the KV pool may take (the rest: activations, MLX cache).
 METAL_KV_FRACTION = 0.8
@@ -59,7 +60,7 @@ def resolve_num_blocks(config: EngineConfig, model: nn.Module, dtype: mx.Dtype) 
         return config.num_blocks
     budget = config.kv_cache_bytes
     if budget is None and metal_available():
-        weights = sum(p.nbytes for _, p in nn.utils.tree_flatten(model.parameters()))
+        weights = parameter_bytes(model)
         budget = metal_kv_budget(metal_working_set(), weights)
     if budget is None:
         budget = CPU_KV_CACHE_BYTES

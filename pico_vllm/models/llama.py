@@ -13,14 +13,13 @@ from dataclasses import dataclass
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.nn.layers.distributed import shard_linear
-from mlx.utils import tree_flatten
 from mlx_lm.models.base import BaseModelArgs
 from mlx_lm.models.rope_utils import initialize_rope
 
 from pico_vllm.distributed import check_shardable
 from pico_vllm.layers.attention import FULL, AttentionMetadata, attention
 from pico_vllm.layers.kv_cache import KVCache, KVSpec
-from pico_vllm.pipeline import PipelineStage, split_layers
+from pico_vllm.pipeline import PipelineStage, parameter_bytes, split_layers
 
 
 @dataclass
@@ -188,8 +187,8 @@ class Model(nn.Module):
             raise ValueError("pipeline parallelism does not split a model whose layers attend over "
                              "different windows yet (every rank must keep the same layer groups)")
         backbone = self.model
-        costs = [_nbytes(layer) for layer in backbone.layers]
-        head = _nbytes(backbone.embed_tokens if self.args.tie_word_embeddings else self.lm_head)
+        costs = [parameter_bytes(layer) for layer in backbone.layers]
+        head = parameter_bytes(backbone.embed_tokens if self.args.tie_word_embeddings else self.lm_head)
         stage = PipelineStage(group, split_layers(costs, head, group.size())[group.rank()])
         last = stage.is_last
         backbone.layers = [backbone.layers[i] for i in stage.layers]
@@ -253,6 +252,3 @@ class Model(nn.Module):
         """Each layer's sliding window (None: the whole context)."""
         return tuple(layer.self_attn.variant.window for layer in self.model.layers)
 
-
-def _nbytes(module: nn.Module) -> int:
-    return sum(p.nbytes for _, p in tree_flatten(module.parameters()))

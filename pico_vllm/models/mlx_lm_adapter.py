@@ -258,8 +258,9 @@ class MlxLmModel(nn.Module):
         """Keep only this rank's stage of mlx-lm's layers (``mlx_lm_pipeline.py``), balanced by
         parameter bytes; the pool holds those layers only. Refused, with the reason, for what
         a stage could not run exactly."""
-        check_splittable(self.model_type, self.layout, self.layer_windows, self.state_spec is not None)
-        layers = layer_list(_backbone(self.model, self.model_type), len(self.layout), self.model_type)
+        layers = layer_list(_backbone(self.model, self.model_type))
+        check_splittable(self.model_type, self.layout, self.layer_windows, self.state_spec is not None,
+                         len(layers))
         views = probe_views(self.layout)[0]
         dtype = hidden_dtype(layers, lambda: _probe_forward(self.model, self.model_type, views),
                              self.model_type)

@@ -24,9 +24,8 @@ from collections.abc import Callable
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten
 
-from pico_vllm.pipeline import PipelineStage, split_layers
+from pico_vllm.pipeline import PipelineStage, parameter_bytes, split_layers
 
 
 class SkippedLayer(nn.Module):
@@ -96,13 +95,13 @@ class SendingLayer(_Wrapping):
 class _Recorder(_Wrapping):
     """A layer that notes the dtype of what goes in and out (for :func:`hidden_dtype`)."""
 
-    def __init__(self, layer: nn.Module, seen: Outbox) -> None:
+    def __init__(self, layer: nn.Module, dtypes: set) -> None:
         super().__init__(layer)
-        self.seen = seen
+        self.dtypes = dtypes  # shared by every recorder of the probe (a set: not a parameter)
 
     def __call__(self, *args, **kwargs):
         out = self.layer(*args, **kwargs)
-        self.seen.dtypes |= {_hidden(args, kwargs).dtype, getattr(out, "dtype", None)}
+        self.dtypes |= {_hidden(args, kwargs).dtype, getattr(out, "dtype", None)}
         return out
 
 
@@ -122,25 +121,27 @@ def hidden_dtype(layers: list, probe: Callable[[], object], model_type: str) -> 
     """The one dtype of the hidden states between ``layers`` in a ``probe`` forward (shapes and
     dtypes only: nothing is computed); ValueError if they change dtype or are not arrays, as
     a stage could not know what to receive."""
-    seen, originals = Outbox(), list(layers)
-    seen.dtypes = set()
+    seen: set = set()
+    originals = list(layers)
     layers[:] = [_Recorder(layer, seen) for layer in originals]
     try:
         probe()
     finally:
         layers[:] = originals
-    if None in seen.dtypes:
+    if None in seen:
         raise ValueError(f"mlx-lm's {model_type!r} layers return more than their hidden states (a "
                          "tuple: state shared with later layers), which pipeline parallelism cannot send on")
-    if len(seen.dtypes) != 1:
+    if len(seen) != 1:
         raise ValueError(f"mlx-lm's {model_type!r} layers pass on hidden states of several dtypes "
-                         f"({', '.join(sorted(map(str, seen.dtypes)))}): a stage could not know what "
+                         f"({', '.join(sorted(map(str, seen)))}): a stage could not know what "
                          "it receives")
-    return next(iter(seen.dtypes))
+    return next(iter(seen))
 
 
-def check_splittable(model_type: str, layout: list, windows: tuple[int | None, ...], has_state: bool) -> None:
-    """ValueError, with the reason, for a model a stage could not run exactly yet."""
+def check_splittable(model_type: str, layout: list, windows: tuple[int | None, ...], has_state: bool,
+                     num_layers: int) -> None:
+    """ValueError, with the reason, for a model a stage could not run exactly yet (``layout``:
+    its cache entries; ``num_layers``: its decoder layers)."""
     name = f"mlx-lm's {model_type!r}"
     if has_state:
         raise ValueError(f"{name} keeps recurrent state in its linear layers, which pipeline "
@@ -148,20 +149,16 @@ def check_splittable(model_type: str, layout: list, windows: tuple[int | None, .
     if len(set(windows)) > 1:
         raise ValueError("pipeline parallelism does not split a model whose layers attend over "
                          "different windows yet (every rank must keep the same layer groups)")
-    if any(isinstance(entry, list) or entry.index != i for i, entry in enumerate(layout)):
+    if len(layout) != num_layers or any(isinstance(entry, list) or entry.index != i
+                                        for i, entry in enumerate(layout)):
         raise ValueError(f"{name} does not keep one K/V cache per decoder layer: pipeline "
                          "parallelism cannot tell which of them a stage holds")
 
 
-def layer_list(backbone: nn.Module, num_caches: int, model_type: str) -> list:
-    """The backbone's own list of decoder layers (``children()`` would hand back a copy), one
-    per cache entry."""
-    layers = next(c for c in backbone.values()
-                  if isinstance(c, list) and c and all(isinstance(m, nn.Module) for m in c))
-    if len(layers) != num_caches:
-        raise ValueError(f"mlx-lm's {model_type!r} does not keep one K/V cache per decoder layer: "
-                         "pipeline parallelism cannot tell which of them a stage holds")
-    return layers
+def layer_list(backbone: nn.Module) -> list:
+    """The backbone's own list of decoder layers (``children()`` would hand back a copy)."""
+    return next(c for c in backbone.values()
+                if isinstance(c, list) and c and all(isinstance(m, nn.Module) for m in c))
 
 
 def split_backbone(layers: list, model: nn.Module, group: mx.distributed.Group,
@@ -170,8 +167,8 @@ def split_backbone(layers: list, model: nn.Module, group: mx.distributed.Group,
     by parameter bytes (``pipeline.split_layers``; everything outside the layers counted on the
     last stage, which runs the LM head); returns the stage and its sending layer's outbox (None
     on the last stage)."""
-    costs = [_nbytes(layer) for layer in layers]
-    head = _nbytes(model) - sum(costs)
+    costs = [parameter_bytes(layer) for layer in layers]
+    head = parameter_bytes(model) - sum(costs)
     stage = PipelineStage(group, split_layers(costs, head, group.size())[group.rank()])
     first, last = stage.layers.start, stage.layers.stop - 1
     outbox = None
@@ -185,6 +182,3 @@ def split_backbone(layers: list, model: nn.Module, group: mx.distributed.Group,
         outbox = layers[last].outbox
     return stage, outbox
 
-
-def _nbytes(module: nn.Module) -> int:
-    return sum(p.nbytes for _, p in tree_flatten(module.parameters()))

@@ -66,19 +66,38 @@ def test_decodes_go_first_and_waiting_prompts_fill_the_rest():
     assert out.num_batched_tokens == 7
 
 
-def test_prompts_sharing_a_prefix_in_flight_wait_one_step_and_hit_the_cache():
+def test_prompts_sharing_a_prefix_in_flight_wait_one_step_and_then_all_hit_the_cache():
     s = make(budget=64)
     system = list(range(500, 516))  # two full blocks of 8
     a = Sequence("a", system + [1, 2, 3], SamplingParams(max_tokens=4))
     b = Sequence("b", system + [4, 5], SamplingParams(max_tokens=4))
+    c = Sequence("c", system + [6, 7, 8, 9, 10, 11, 12, 13, 14], SamplingParams(max_tokens=4))
     other = seq(12, "other", start=100)
-    for x in (a, b, other):
+    for x in (a, b, c, other):
         s.add_sequence(x)
     out = step(s)
     assert [x.request_id for x, _ in out.scheduled] == ["a"]  # b waits for a's prefix (FIFO)
+    out = step(s)  # b's own tokens do not hold c back: c shares only the cached blocks with it
+    assert [(x.request_id, n) for x, n in out.scheduled] == [("a", 1), ("b", 2), ("c", 9), ("other", 12)]
+    assert b.num_cached_tokens == c.num_cached_tokens == 16
+    s.block_manager.check_invariants()
+
+
+def test_a_prompt_waits_while_its_next_block_past_the_cache_is_being_computed():
+    s = make(budget=24, num_blocks=32)
+    system = list(range(500, 540))  # five blocks of 8: a computes three, then two and its last token
+    a = Sequence("a", system + [1], SamplingParams(max_tokens=4))
+    b = Sequence("b", system + [2], SamplingParams(max_tokens=4))
+    for x in (a, b):
+        s.add_sequence(x)
+    assert [(x.request_id, n) for x, n in step(s).scheduled] == [("a", 24)]
+    out = step(s)  # b would hit 3 blocks, but a is computing b's 4th and 5th right now
+    assert [(x.request_id, n) for x, n in out.scheduled] == [("a", 17)]
+    assert b.num_cached_tokens == 0 and not any(b.block_tables)  # its hits were given back
     out = step(s)
-    assert [(x.request_id, n) for x, n in out.scheduled] == [("a", 1), ("b", 2), ("other", 12)]
-    assert b.num_cached_tokens == 16
+    assert [(x.request_id, n) for x, n in out.scheduled] == [("a", 1), ("b", 1)]
+    assert b.num_cached_tokens == 40
+    s.block_manager.check_invariants()
 
 
 def test_without_prefix_caching_nothing_waits_for_a_prefix():

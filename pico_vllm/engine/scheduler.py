@@ -8,10 +8,11 @@ keep flowing). When the pool has no block for a running sequence, the most recen
 one is *preempted*: its blocks are freed and it goes back to the front of the queue, to be
 recomputed later — usually cheaply, since its full blocks survive in the prefix cache.
 
-A waiting prompt whose first block equals that of a running sequence still computing its prompt
-waits for it (admission pauses, FIFO): blocks enter the prefix cache only once computed, so
-requests that arrive together with a shared system prompt would otherwise all compute it. One
-step later they find it cached and compute only their own tokens.
+A waiting prompt whose first block past its cache hit is one a running sequence is computing
+right now waits for it (admission pauses, FIFO): blocks enter the prefix cache only once
+computed, so requests that arrive together with a shared system prompt would otherwise all
+compute it. One step later they find it cached, and all of them are admitted together, each
+computing only its own tokens.
 
 A hybrid model's prefix cache also needs its linear layers' state where a hit ends
 (``state_snapshots.py``): there a multi-token chunk ends on the last block boundary inside it
@@ -142,7 +143,7 @@ class Scheduler:
                 i += 1
 
         budget += self._propose(out, wanted)
-        prefilling = {self._head(s) for s in self.running if s.num_computed_tokens < s.num_prompt_tokens}
+        in_progress = {digest for s in self.running for digest in self._prompt_blocks_to_compute(s)}
         while (
             self.waiting
             and budget > 0
@@ -150,15 +151,16 @@ class Scheduler:
             and not out.preempted  # blocks are short: let the preempted go first, next step
         ):
             seq = self.waiting[0]
-            head = self._head(seq)
-            if head is not None and head in prefilling:
-                break  # its prefix is being computed right now: take it from the cache next step
-            prefilling.add(head)
             restore = self.block_manager.share_cached_prefix(seq)
+            blocks = self._prompt_blocks_to_compute(seq)
+            if blocks and blocks[0] in in_progress:
+                self._release(seq)  # its next block is being computed now: a cache hit next step
+                break
             n = self._chunk(seq, min(seq.num_tokens - seq.num_computed_tokens, budget))
             if not self.block_manager.allocate(seq, seq.num_computed_tokens + n):
                 self._release(seq)  # give back the cache hits; retry next step
                 break
+            in_progress.update(blocks)
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             seq.state_slot = self._free_slots.pop()
@@ -285,12 +287,13 @@ class Scheduler:
             or seq.num_tokens >= self.config.max_model_len
         )
 
-    def _head(self, seq: Sequence) -> tuple[int, ...] | None:
-        """The first block's tokens of a prompt that can share it (None: nothing to share)."""
+    def _prompt_blocks_to_compute(self, seq: Sequence) -> list[bytes]:
+        """The digests of ``seq``'s full prompt blocks not computed yet (none without prefix
+        caching): what a prompt sharing them would find in the cache once this step is done."""
+        if not self.config.enable_prefix_caching:
+            return []
         size = self.config.block_size
-        if not self.config.enable_prefix_caching or seq.num_tokens <= size:
-            return None
-        return tuple(seq.token_ids[:size])
+        return seq.block_hashes[seq.num_computed_tokens // size : seq.num_prompt_tokens // size]
 
     def _preempt(self, seq: Sequence) -> None:
         self._release(seq)

@@ -4,6 +4,7 @@ aborts during a step)."""
 
 from __future__ import annotations
 
+import mlx.core as mx
 import pytest
 
 from pico_vllm import EngineConfig, LLMEngine, SamplingParams
@@ -77,3 +78,55 @@ def test_abort_while_its_step_is_in_flight(model):
     manager = async_.scheduler.block_manager
     manager.check_invariants()
     assert manager.num_free_blocks == manager.num_blocks
+
+
+def test_reading_a_step_back_waits_for_its_samples_not_for_the_next_steps_pool_writes(model, monkeypatch):
+    """The pool is one list whose arrays each step replaces: by the time step n is read back it
+    holds step n+1's, and evaluating them would keep the host waiting for all of step n+1."""
+    from pico_vllm.engine.pending_step import PendingStep
+
+    _, engine = engines(model)
+    real_eval, real_resolve = mx.eval, PendingStep.resolve
+    resolving, evaluated_in_resolve = [False], []
+
+    def eval_spy(*trees):
+        if resolving[0]:
+            evaluated_in_resolve.extend(a for a in _arrays(trees))
+        return real_eval(*trees)
+
+    def resolve_spy(self):
+        resolving[0] = True
+        try:
+            return real_resolve(self)
+        finally:
+            resolving[0] = False
+
+    monkeypatch.setattr(mx, "eval", eval_spy)
+    monkeypatch.setattr(PendingStep, "resolve", resolve_spy)
+    requests = [([7, 8, 9], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)),
+                ([5, 4, 3, 2], SamplingParams(temperature=0.8, seed=1, max_tokens=6, logprobs=1))]
+    for prompt, params in requests:
+        engine.add_request(prompt, params)
+    overlapped, tokens = 0, {}
+    while engine.has_unfinished_requests():
+        evaluated_in_resolve.clear()
+        for out in engine.step():
+            tokens[out.request_id] = out.token_ids
+        pool = engine.runner.cache.state
+        assert not any(a is p for a in evaluated_in_resolve for p in pool)
+        overlapped += bool(evaluated_in_resolve)
+    assert overlapped >= 4  # steps that read a step back while the next one was queued
+    monkeypatch.undo()
+    sync, _ = engines(model)
+    assert tokens == {i: v[0] for i, v in run(sync, requests).items()}
+
+
+def _arrays(tree):
+    if isinstance(tree, mx.array):
+        yield tree
+    elif isinstance(tree, (list, tuple)):
+        for item in tree:
+            yield from _arrays(item)
+    elif isinstance(tree, dict):
+        for item in tree.values():
+            yield from _arrays(item)

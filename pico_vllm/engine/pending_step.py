@@ -29,10 +29,10 @@ class PendingStep:
     """A step whose computation is queued but not yet read back.
 
     ``start`` hands it to MLX to evaluate in the background; ``resolve`` is the step's one host
-    sync: it waits for the pool writes and the samples and returns each sampling sequence's new
-    :class:`Sample` s (one, or its kept drafts and the token after them). Until then,
-    ``token_ids`` are the samples on the device, which the next step can already take as its
-    input ids (asynchronous scheduling).
+    sync: it waits for the samples (and so for the pool writes they read) and returns each
+    sampling sequence's new :class:`Sample` s (one, or its kept drafts and the token after them).
+    Until then, ``token_ids`` are the samples on the device, which the next step can already take
+    as its input ids (asynchronous scheduling).
     """
 
     def __init__(
@@ -63,9 +63,15 @@ class PendingStep:
 
     def resolve(self) -> dict[Sequence, list[Sample]]:
         if self._samples is None:
-            mx.eval(self._state, self._sent)  # a step of only mid-prompt chunks still fills the pool
+            # A step of only mid-prompt chunks: nothing to read but the pool (the live list, so
+            # the host waits here, which keeps a long prompt's chunks from piling up queued).
+            mx.eval(self._state, self._sent)
             return {}
-        mx.eval(self._samples, self._state, self._broken)
+        # The samples alone: they depend on every K/V write of this step (each layer attends
+        # after writing), and ``start`` queued the rest. Not ``self._state``: the pool list holds
+        # the *next* step's arrays by now, and waiting for them would idle the device while the
+        # host builds the step after it.
+        mx.eval(self._samples, self._broken, self._sent)
         out = self._samples.resolve()
         logprobs = out.logprobs or [None] * len(out.token_ids)
         rows = list(zip(out.token_ids, logprobs, out.top_logprobs))

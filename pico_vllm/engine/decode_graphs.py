@@ -36,12 +36,12 @@ def buckets(limit: int) -> list[int]:
     return [size for size in sizes if size < limit] + [limit]
 
 
-def round_up(n: int, buckets: list[int]) -> int:
-    """The smallest bucket that holds ``n``."""
-    for bucket in buckets:
-        if bucket >= n:
-            return bucket
-    raise ValueError(f"{n} exceeds the largest bucket {buckets[-1]}")
+def round_up(n: int, sizes: list[int]) -> int:
+    """The smallest of the bucket ``sizes`` that holds ``n``."""
+    for size in sizes:
+        if size >= n:
+            return size
+    raise ValueError(f"{n} exceeds the largest bucket {sizes[-1]}")
 
 
 class DecodeGraphs:

@@ -90,17 +90,19 @@ def paged_attention_metal(
 
 
 def cascade_attention(
-    q: mx.array, k_pool: mx.array, v_pool: mx.array, shared_table: mx.array, shared_lens: mx.array,
-    suffix_tables: mx.array, suffix_lens: mx.array, scale: float, *, sinks: mx.array | None = None,
-    softcap: float | None = None,
+    q: mx.array, k_pool: mx.array, v_pool: mx.array, shared_tables: mx.array, set_rows: mx.array,
+    set_lens: mx.array, row_slots: mx.array, suffix_tables: mx.array, suffix_lens: mx.array,
+    scale: float, *, sinks: mx.array | None = None, softcap: float | None = None,
 ) -> mx.array:
-    """Decode attention of ``q[B, Hq, D]`` whose row ``b`` reads the first ``shared_lens[b]``
-    tokens of ``shared_table`` and then its own ``suffix_lens[b]`` tokens through
-    ``suffix_tables[b]``; returns ``[B, Hq, D]`` in ``q``'s dtype, equal to
-    ``paged_attention_reference`` over the whole tables (no window: a window's start moves with
-    each row). On Metal the own blocks run through the kernel's pass 1 and everything merges in
-    its pass 2; elsewhere both are the MLX reference."""
-    shared = shared_prefix_partials(q, k_pool, v_pool, shared_table, shared_lens, scale, softcap)
+    """Decode attention of ``q[B, Hq, D]`` where sets of rows share leading blocks: set ``s``'s
+    members ``set_rows[s]`` read the first ``set_lens[s, r]`` tokens of ``shared_tables[s]``
+    (rows find their slot through ``row_slots``; see :func:`shared_prefix_partials`), and every
+    row ``b`` then its own ``suffix_lens[b]`` tokens through ``suffix_tables[b]``. Returns
+    ``[B, Hq, D]`` in ``q``'s dtype, equal to ``paged_attention_reference`` over the whole tables
+    (no window: a window's start moves with each row). On Metal the own blocks run through the
+    kernel's pass 1 and everything merges in its pass 2; elsewhere both are the MLX reference."""
+    shared = shared_prefix_partials(q, k_pool, v_pool, shared_tables, set_rows, set_lens, row_slots,
+                                    scale, softcap)
     on_metal = _kernels_serve(q, k_pool, v_pool, suffix_tables, suffix_lens, sinks)
     if on_metal:
         own = paged_attention_partials(q, k_pool, v_pool, suffix_tables, suffix_lens, scale, softcap=softcap)

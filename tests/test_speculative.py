@@ -13,6 +13,7 @@ from mlx_lm.utils import load as mlx_lm_load
 from pico_vllm import EngineConfig, LLMEngine, SamplingParams
 from pico_vllm.cli import build_parser, engine_config
 from pico_vllm.config import SpeculativeConfig
+from pico_vllm.engine.decode_graphs import DecodeGraphs
 from pico_vllm.engine.scheduler import Scheduler
 from pico_vllm.engine.sequence import Sequence
 from pico_vllm.engine.speculative import MAX_PAUSE, DraftProposer, NgramProposer, accepted, after_verification
@@ -133,10 +134,10 @@ class ReplayProposer(DraftProposer):
     """Drafts the continuation a plain engine produced, with every other draft run's last token
     changed: drafts are kept and rejected whatever the model (a random one rarely loops)."""
 
-    def __init__(self, outputs: list) -> None:
+    def __init__(self, outputs: list, alter: bool = True) -> None:
         super().__init__(SpeculativeConfig(num_speculative_tokens=4))
         self.known = [o.prompt_token_ids + o.token_ids for o in outputs]
-        self.calls = 0
+        self.calls, self.alter = 0, alter  # alter=False: every draft is the model's token
 
     def propose(self, seq: Sequence, k: int) -> list[int]:
         self.calls += 1
@@ -144,10 +145,37 @@ class ReplayProposer(DraftProposer):
         for full in self.known:
             if full[: len(token_ids)] == token_ids:
                 drafts = full[len(token_ids) : len(token_ids) + k]
-                if drafts and self.calls % 2:
+                if drafts and self.alter and self.calls % 2:
                     drafts[-1] = (drafts[-1] + 1) % 500
                 return drafts
         return []
+
+
+def test_verified_chunks_run_through_captured_graphs_one_set_per_sequence(model, monkeypatch):
+    """A step of decodes and drafts is decode-shaped: each verified position a row over the
+    sequence up to itself, padded to a graph bucket and captured; cascade attention reads each
+    verifying sequence's blocks once for all its rows. Token for token as without drafts."""
+    calls = []  # (rows, cascade sets) of every captured step
+    replay = DecodeGraphs.__call__
+
+    def recording(graphs, *arrays):
+        shared = arrays[7:]  # a SharedPrefix's arrays, the first its tables [G, S, NS]
+        calls.append((arrays[0].shape[0], shared[0].shape[1] if shared else 0))
+        return replay(graphs, *arrays)
+
+    monkeypatch.setattr(DecodeGraphs, "__call__", recording)
+    # Long prompts (6 whole blocks and more before every query), so each verifying sequence's
+    # 1 + k rows save enough block reads to be a cascade set; every sequence drafts every step.
+    requests = [(p * 3, GREEDY) for p in looping_prompts()[2:]]
+    plain = run(LLMEngine(EngineConfig(model=model, num_blocks=128)), requests)
+    engine = LLMEngine(EngineConfig(model=model, num_blocks=128, speculative_config=NGRAM))
+    engine.scheduler.proposer = ReplayProposer(plain, alter=False)
+    calls.clear()
+    same_outputs(plain, run(engine, requests))
+    assert engine.stats.accepted_draft_tokens > 0
+    verify_steps = [c for c in calls if c[0] > 3]  # more rows than the 3 sequences: drafts
+    assert verify_steps, "no step with drafts ran through a captured graph"
+    assert any(sets == 3 for _, sets in verify_steps), "verifying sequences were not cascade sets"
 
 
 def test_sliding_window_mlx_lm_model_with_drafts_equals_without(random_model):

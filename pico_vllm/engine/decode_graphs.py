@@ -1,13 +1,17 @@
 """Decode steps captured with ``mx.compile``: MLX's stand-in for vLLM's CUDA graphs.
 
-A decode-only step (one query token per sequence) has the same structure every time; only its
-shapes change. So the runner pads it to a *bucket* — batch rounded up to 1, 2, 3, 4, 6, 8, 12,
-16, ... rows (up to ``max_num_seqs``), block-table width to as many blocks: powers of two and
+A decode-shaped step (one query token per row: a sequence's next token, or one position of a
+chunk verifying drafts) has the same structure every time; only its shapes change. So the
+runner pads it to a *bucket* — rows rounded up to 1, 2, 3, 4, 6, 8, 12, 16, ... (up to
+``max_rows``: ``max_num_seqs`` times the rows a sequence may verify), block-table width to as
+many blocks, and so are the dimensions of cascade attention's sets: powers of two and
 1.5x between them, so padding wastes at most a third of a step (a padding row costs a whole
 row's matrix products and, in the CPU reference, its attention; powers of two alone measured
 up to 25% slower steps, 23 rows run as 32) while the buckets stay two per doubling — and runs
 the one graph ``mx.compile`` traced for that bucket. Tracing happens once per bucket;
-afterwards a step skips Python graph building and runs MLX's simplified, fused graph.
+afterwards a step skips Python graph building and runs MLX's simplified, fused graph. A step
+with more rows than the largest bucket (drafts from a client's prediction on an engine without
+speculation) runs eagerly.
 
 - **State.** The KV pool (``KVCache.state``, one list that lives as long as the pool) is the
   graph's ``inputs`` and ``outputs``: MLX reads the current arrays before each call and puts the
@@ -47,12 +51,12 @@ def round_up(n: int, sizes: list[int]) -> int:
 class DecodeGraphs:
     """One compiled decode step per (batch bucket, width bucket), traced on first use.
 
-    ``step(input_ids, positions, slot_blocks, slot_offsets, block_tables, context_lens)`` returns
-    ``(logits[B, V], argmax[B])``; it must only read and write the pool through ``state``.
+    ``step(input_ids, positions, slot_blocks, slot_offsets, block_tables, context_lens, ...)``
+    returns ``(logits[B, V], argmax[B])``; it must only read and write the pool through ``state``.
     """
 
-    def __init__(self, step: DecodeStep, state: list[mx.array], max_num_seqs: int, max_blocks: int):
-        self.batch_buckets = buckets(max_num_seqs)
+    def __init__(self, step: DecodeStep, state: list[mx.array], max_rows: int, max_blocks: int):
+        self.batch_buckets = buckets(max_rows)
         self.width_buckets = buckets(max_blocks)
         self.captures = 0  # graphs traced so far: one per bucket used
 
@@ -62,9 +66,18 @@ class DecodeGraphs:
 
         self._compiled = mx.compile(traced, inputs=state, outputs=state)
 
-    def bucket(self, batch: int, width: int) -> tuple[int, int]:
-        """The padded (batch, block-table width) a step of this size runs at."""
-        return round_up(batch, self.batch_buckets), round_up(width, self.width_buckets)
+    def bucket(self, batch: int, width: int) -> tuple[int, int] | None:
+        """The padded (batch, block-table width) a step of this size runs at; None when it has
+        more rows than any graph (it runs eagerly)."""
+        if batch > self.batch_buckets[-1]:
+            return None
+        return self.rows_bucket(batch), self.width_bucket(width)
+
+    def rows_bucket(self, n: int) -> int:
+        return round_up(n, self.batch_buckets)
+
+    def width_bucket(self, n: int) -> int:
+        return round_up(n, self.width_buckets)
 
     def all_buckets(self) -> list[tuple[int, int]]:
         return [(b, w) for b in self.batch_buckets for w in self.width_buckets]

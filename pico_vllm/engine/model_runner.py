@@ -1,17 +1,19 @@
 """Turns one scheduled step into flat MLX arrays, runs the model, and samples.
 
 The scheduler hands over ``(sequence, n)`` pairs: compute ``n`` more tokens of each sequence.
-The runner lays them out as one flat batch of ``T`` tokens — single-token queries (decodes)
+The runner lays them out as one flat batch of ``T`` tokens — single-token queries (decode rows)
 first, then multi-token prefill chunks — with, per token, its id, its position and the pool slot
-its K/V goes to, and per sequence its block table and context length. One forward pass later,
-the last position of every sequence whose known tokens are now all computed is sampled. A
-sequence with drafts (speculative decoding) is a chunk like a prompt's, sampled at every
-position, and keeps the drafts its samples agree with (``speculative.accepted``).
+its K/V goes to, and per decode row or chunk its block table and context length. One forward
+pass later, the last position of every sequence whose known tokens are now all computed is
+sampled. A sequence with drafts (speculative decoding) is sampled at every position of its
+``1 + k`` tokens and keeps the drafts its samples agree with (``speculative.accepted``); its
+positions are ``1 + k`` decode rows, each attending over the sequence up to itself (causal
+within the chunk by context length alone), which cascade attention reads as one set.
 
-Decode-only steps run through captured graphs (``decode_graphs.py``), padded to a bucket; steps
-with prefill chunks run eagerly: their shapes (chunk lengths, how many chunks) vary too much for
-a bounded set of graphs to pay off, and they are dominated by large matmuls that compiling
-cannot make faster.
+Decode-shaped steps (decode rows only, drafts included) run through captured graphs
+(``decode_graphs.py``), padded to a bucket; steps with prefill chunks run eagerly: their shapes
+(chunk lengths, how many chunks) vary too much for a bounded set of graphs to pay off, and they
+are dominated by large matmuls that compiling cannot make faster.
 """
 
 from __future__ import annotations
@@ -87,9 +89,12 @@ class ModelRunner:
         self.cascade_enabled = not config.disable_cascade_attn and not windowed
         self.graphs = None
         if config.capture_graphs != "off" and model.supports_graphs:
-            self.graphs = DecodeGraphs(
-                self._decode_step, self.cache.state, config.max_num_seqs, max_blocks
-            )
+            # Every running sequence may verify 1 + k rows (within the step's token budget).
+            spec = config.speculative
+            rows_per_seq = 1 + (spec.num_speculative_tokens if spec is not None else 0)
+            max_rows = max(config.max_num_seqs,
+                           min(config.max_num_seqs * rows_per_seq, config.max_num_batched_tokens))
+            self.graphs = DecodeGraphs(self._decode_step, self.cache.state, max_rows, max_blocks)
 
     def execute(self, out: SchedulerOutput, previous: PendingStep | None = None) -> PendingStep:
         """Queue one step: write the new tokens' K/V into the pool and sample where due.
@@ -99,8 +104,9 @@ class ModelRunner:
         """
         if out.restores:  # admitted from a snapshot: their state resumes where its prefix ends
             self.cache.states.copy(out.restores)
-        batch = sorted(out.scheduled, key=lambda item: item[1] > 1)  # stable: decodes first
         drafts = out.drafts
+        # Stable: decode rows (decodes, drafts' chunks) first, then prompt chunks.
+        batch = sorted(out.scheduled, key=lambda item: item[1] > 1 and item[0] not in drafts)
         # Under pipeline parallelism the step goes down the stages in parts (micro-batches).
         parts = []
         for part, offsets in self._micro_batches(batch):
@@ -124,7 +130,7 @@ class ModelRunner:
             logits = _joined([part.logits for part in parts if part.seqs])
             argmaxes = [part.argmax for part in parts if part.seqs]
             if all(a is not None for a in argmaxes) and self.sampler.is_plain_argmax(seqs):
-                samples = PendingSamples(_joined(argmaxes), [None] * len(seqs))
+                samples = PendingSamples(_joined(argmaxes), [None] * len(requests))
             else:
                 samples = self.sampler.sample(logits, requests)
             # A row whose logits hold NaN or +inf (a broken checkpoint, an overflow) fails its request.
@@ -143,21 +149,14 @@ class ModelRunner:
             if seq.num_computed_tokens + offsets.get(seq, 0) + n == seq.num_tokens + len(drafts.get(seq, ()))
         ]
         seqs = [batch[i][0] for i in rows]
-        requests = seqs
-        decode_only = all(n == 1 for _, n in batch)
-        pad_rows, pad_width = self._graph_bucket(batch) if decode_only else (None, None)
+        decode_shaped = all(n == 1 or seq in drafts for seq, n in batch)
+        bucket = self._graph_bucket(batch) if decode_shaped else None
+        pad_rows, pad_width = bucket or (None, None)
         input_ids, positions, meta = self.prepare(batch, drafts, pad_rows, pad_width, offsets)
         input_ids = self._take_placeholders(input_ids, batch, previous)
         cascade = meta.shared_prefix is not None
-        if decode_only:
-            outputs = self._run_decode(input_ids, positions, meta, len(batch))  # every row
-            if len(outputs) == 1:  # a pipeline stage before the last: what it sent on
-                return _Forward(seqs, requests, cascade, sent=outputs[0])
-            index = mx.array(rows)
-            logits, argmax = (outputs[0][index], outputs[1][index]) if rows else outputs
-            return _Forward(seqs, requests, cascade, logits, argmax)
-        # The LM head only for the rows that sample: mid-prompt chunks need no logits; a
-        # drafting sequence samples at its chunk's every position, as if its drafts were out.
+        # The logits of the rows that sample: mid-prompt chunks need none; a drafting sequence
+        # samples at its chunk's every position, as if its drafts were out.
         ends = np.cumsum([n for _, n in batch]).tolist()
         logit_rows, requests = [], []
         for i in rows:
@@ -168,6 +167,14 @@ class ModelRunner:
             else:
                 logit_rows.append(ends[i] - 1)
                 requests.append(seq)
+        if decode_shaped:  # every row's logits (a graph's padding too), then the sampled ones
+            outputs = self._run_decode(input_ids, positions, meta, captured=bucket is not None)
+            if len(outputs) == 1:  # a pipeline stage before the last: what it sent on
+                return _Forward(seqs, requests, cascade, sent=outputs[0])
+            index = mx.array(logit_rows, mx.int32)
+            logits, argmax = (outputs[0][index], outputs[1][index]) if logit_rows else outputs
+            return _Forward(seqs, requests, cascade, logits, argmax)
+        # The LM head only for the rows that sample.
         out = self.model(input_ids, positions, self.cache, meta, mx.array(logit_rows, mx.int32))
         if self.stage is not None and not self.stage.is_last:
             return _Forward(seqs, requests, cascade, sent=out)
@@ -209,33 +216,32 @@ class ModelRunner:
         (penalties count them): then the previous step must be read back first."""
         return any(self.sampler.reads_token_ids(seq) for seq, _ in out.scheduled)
 
-    def _graph_bucket(self, batch: list[tuple[Sequence, int]]) -> tuple[int | None, int | None]:
-        """The (rows, block-table width) a decode-only step is padded to for its captured graph;
-        (None, None) without graphs: an eager step is not padded."""
+    def _graph_bucket(self, batch: list[tuple[Sequence, int]]) -> tuple[int, int] | None:
+        """The (rows, block-table width) a decode-shaped step is padded to for its captured
+        graph; None where it runs eagerly (no graphs, or more rows than any graph), unpadded."""
         if self.graphs is None:
-            return None, None
-        width = max(blocks_for(seq.num_computed_tokens + 1, self.block_size) for seq, _ in batch)
-        return self.graphs.bucket(len(batch), width)
+            return None
+        rows = sum(n for _, n in batch)
+        width = max(blocks_for(seq.num_computed_tokens + n, self.block_size) for seq, n in batch)
+        return self.graphs.bucket(rows, width)
 
-    def _run_decode(
-        self, input_ids: mx.array, positions: mx.array, meta: AttentionMetadata, num_rows: int
-    ) -> tuple[mx.array, mx.array]:
-        """A decode-only step's ``(logits, argmax)`` for its ``num_rows`` real rows: through its
-        captured graph, or eagerly."""
+    def _run_decode(self, input_ids: mx.array, positions: mx.array, meta: AttentionMetadata,
+                    captured: bool) -> tuple[mx.array, ...]:
+        """A decode-shaped step's ``(logits, argmax)`` for every row (padding included): through
+        its ``captured`` graph, or eagerly."""
         arrays = decode_graph_arrays(input_ids, positions, meta)
-        if self.graphs is None:
-            return self._decode_step(*arrays)
-        outputs = self.graphs(*arrays)
-        return tuple(outputs) if len(outputs) == 1 else (outputs[0][:num_rows], outputs[1][:num_rows])
+        return tuple(self.graphs(*arrays)) if captured else self._decode_step(*arrays)
 
     @staticmethod
     def _take_placeholders(
         input_ids: mx.array, batch: list[tuple[Sequence, int]], previous: PendingStep | None
     ) -> mx.array:
-        """Put the device-side ids of not-yet-read tokens into ``input_ids``. Only a decode row
-        (first in the batch) can hold one: the newest token of its sequence."""
+        """Put the device-side ids of not-yet-read tokens into ``input_ids``. Only a decode
+        (first in the batch) can hold one: the newest token of its sequence (a sequence drafts
+        from tokens on the host)."""
+        starts = np.cumsum([0] + [n for _, n in batch]).tolist()
         pending = [
-            (row, previous.row_of(seq)) for row, (seq, n) in enumerate(batch)
+            (starts[i], previous.row_of(seq)) for i, (seq, n) in enumerate(batch)
             if n == 1 and seq.is_pending(seq.num_computed_tokens)
         ]
         if not pending:
@@ -277,20 +283,18 @@ class ModelRunner:
         tables = np.array([table[:num_blocks] for table in seq.block_tables], np.int32)
         return np.where(tables == NO_BLOCK, self.cache.scratch_block, tables)
 
-    def _shared_prefix(self, tables: list[np.ndarray], lengths: list[int], rows: int,
+    def _shared_prefix(self, tables: list[np.ndarray], lengths: list[int], owners: list[int], rows: int,
                        padded: bool) -> SharedPrefix | None:
-        """Cascade attention's arrays for these decode rows (``engine/cascade.py``), or None when
-        cascade is off or no rows share enough blocks; a step ``padded`` for a captured graph
-        pads the tables' widths to width buckets too."""
+        """Cascade attention's arrays for these decode rows of sequences ``owners``
+        (``engine/cascade.py``), or None when cascade is off or no rows share enough blocks; for
+        a step ``padded`` for a captured graph, their dimensions are bucketed too."""
         if not self.cascade_enabled:
             return None
-        plan = plan_shared_prefix([t[0] for t in tables], lengths, self.block_size)
-        if plan is None:
+        plan = plan_shared_prefix([t[0] for t in tables], lengths, owners, self.block_size)
+        if not plan:
             return None
-        graphs = self.graphs if padded else None
-        bucket = (lambda width: graphs.bucket(1, width)[1]) if graphs is not None else None
         return shared_prefix_arrays(plan, tables, lengths, rows, self.block_size, self.cache.scratch_block,
-                                    bucket)
+                                    self.graphs if padded else None)
 
     def prepare(
         self, batch: list[tuple[Sequence, int]], drafts: dict[Sequence, list[int]] | None = None,
@@ -300,8 +304,9 @@ class ModelRunner:
         sequence's ``drafts`` follow its known tokens. The one builder of every step's arrays:
         eager, mixed, and captured decode graphs.
 
-        ``batch`` must list single-token queries before multi-token chunks. A decode-only step
-        may be padded to a graph bucket: ``rows`` single-token rows (the padding: token 0 at
+        ``batch`` must list decode rows (single tokens, and the chunks of sequences with
+        ``drafts``: a row per position) before prompt chunks. A decode-shaped step may be
+        padded to a graph bucket: ``rows`` single-token rows (the padding: token 0 at
         position 0, written to the scratch block, over a context of length 0) and block tables
         ``width`` blocks wide. ``offsets``: a chunk's piece (pipeline micro-batches) starts that
         many tokens after the sequence's computed ones.
@@ -309,9 +314,9 @@ class ModelRunner:
         drafts, offsets = drafts or {}, offsets or {}
         bs, groups, scratch = self.block_size, len(self.cache.layout.windows), self.cache.scratch_block
         ids, pos, slot_blocks = [], [], []
-        decode_tables, decode_lens, decode_slots, prefills = [], [], [], []
+        decode_tables, decode_lens, decode_slots, owners, prefills = [], [], [], [], []
         start = 0
-        for seq, n in batch:
+        for index, (seq, n) in enumerate(batch):
             first = seq.num_computed_tokens + offsets.get(seq, 0)
             positions = np.arange(first, first + n, dtype=np.int32)
             context_len = first + n
@@ -320,14 +325,15 @@ class ModelRunner:
             ids.append(np.asarray(tokens[:n], dtype=np.int32))
             pos.append(positions)
             slot_blocks.append(table[:, positions // bs])
-            if n == 1:
-                decode_tables.append(table)
-                decode_lens.append(context_len)
-                decode_slots.append(self._state_slot(seq))
+            if n == 1 or seq in drafts:  # a row per position, over the sequence up to itself
+                decode_tables += [table] * n
+                decode_lens += range(first + 1, context_len + 1)
+                decode_slots += [self._state_slot(seq)] * n
+                owners += [index] * n
             else:
                 prefills.append(PrefillChunk(start, n, context_len, mx.array(table), self._state_slot(seq)))
             start += n
-        padding = (rows or len(batch)) - len(batch)
+        padding = rows - len(decode_tables) if rows else 0
         if padding and prefills:
             raise ValueError("only a decode-only step is padded (padding rows would sit before the chunks)")
         ids.append(np.zeros(padding, np.int32))
@@ -346,7 +352,7 @@ class ModelRunner:
             block_tables=mx.array(block_tables),
             context_lens=mx.array(np.asarray(decode_lens + [0] * padding, dtype=np.int32)),
             prefills=tuple(prefills),
-            shared_prefix=self._shared_prefix(decode_tables, decode_lens, num_decode,
+            shared_prefix=self._shared_prefix(decode_tables, decode_lens, owners, num_decode,
                                               padded=rows is not None),
             state_slots=mx.array(np.asarray(decode_slots + [self._scratch_slot] * padding, dtype=np.int32)),
         )

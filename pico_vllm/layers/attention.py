@@ -1,8 +1,10 @@
 """Attention over a flat batch of tokens whose keys and values live in the paged KV pool.
 
 One engine step runs one flat batch of ``T`` tokens from many sequences: first the *decode*
-tokens (one query token per sequence), then the *prefill chunks* (several prompt tokens of one
-sequence). Every layer first writes the step's new K/V into the pool **in place**, then
+rows (one query token each: a sequence's next token, or one position of a sequence verifying
+drafts, whose context ends at that position: causal within its chunk), then the *prefill
+chunks* (several prompt tokens of one sequence). Every layer first writes the step's new K/V
+into the pool **in place**, then
 
 - decode tokens attend through :func:`metal_kernels.paged_attention` (the Metal kernel on a Mac,
   the pure-MLX reference elsewhere), or, when several share a prefix of blocks, through
@@ -33,13 +35,16 @@ class PrefillChunk(NamedTuple):
 
 
 class SharedPrefix(NamedTuple):
-    """Decode rows whose block tables start with the same blocks (cascade attention; planned by
-    ``engine/cascade.py``). A row reads ``lens[b]`` tokens of ``table`` (0: not in the cascade),
-    then its own ``suffix_lens[b]`` tokens through ``suffix_tables[:, b]``, its table past the
-    shared blocks."""
+    """Sets of decode rows whose block tables start with the same blocks (cascade attention;
+    planned by ``engine/cascade.py``). Set ``s`` is the rows ``set_rows[s]``, member ``r`` reading
+    ``set_lens[s, r]`` tokens of ``tables[:, s]`` (0: a padding slot); row ``b`` is slot
+    ``row_slots[b]`` of the flattened sets (``S * R``: in none), and reads its own
+    ``suffix_lens[b]`` tokens through ``suffix_tables[:, b]``, its table past the shared blocks."""
 
-    table: mx.array  # [G, NS] int32
-    lens: mx.array  # [B] int32
+    tables: mx.array  # [G, S, NS] int32
+    set_rows: mx.array  # [S, R] int32
+    set_lens: mx.array  # [S, R] int32
+    row_slots: mx.array  # [B] int32
     suffix_tables: mx.array  # [G, B, max_blocks] int32
     suffix_lens: mx.array  # [B] int32
 
@@ -47,8 +52,8 @@ class SharedPrefix(NamedTuple):
 class AttentionMetadata(NamedTuple):
     """Where the step's tokens go in the pool and what each of them attends to.
 
-    The first ``B = block_tables.shape[1]`` tokens are single-token queries (decode steps, or a
-    prefill chunk of one token), one per sequence, in the rows of ``block_tables`` /
+    The first ``B = block_tables.shape[1]`` tokens are single-token queries (decode steps, the
+    positions of a verified chunk, or a prefill chunk of one token), in the rows of ``block_tables`` /
     ``context_lens``; the rest are the ``prefills``, in order. Blocks are per layer group
     (``KVCache.group``: the first axis, ``G``, of the block arrays). A tuple of arrays (and, for
     mixed steps, chunk records), so a decode step's metadata can cross into ``mx.compile``.
@@ -120,9 +125,9 @@ def attend(
     if meta.num_decode_tokens and shared is not None and variant.window is None:
         outputs.append(
             cascade_attention(
-                q[: meta.num_decode_tokens], k_pool, v_pool, shared.table[group], shared.lens,
-                shared.suffix_tables[group], shared.suffix_lens, scale, sinks=variant.sinks,
-                softcap=variant.softcap,
+                q[: meta.num_decode_tokens], k_pool, v_pool, shared.tables[group], shared.set_rows,
+                shared.set_lens, shared.row_slots, shared.suffix_tables[group], shared.suffix_lens,
+                scale, sinks=variant.sinks, softcap=variant.softcap,
             )
         )
     elif meta.num_decode_tokens:  # a window's start moves with each row: whole tables

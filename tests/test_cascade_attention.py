@@ -140,6 +140,15 @@ def test_a_verified_chunks_positions_are_one_set_over_their_sequences_blocks():
     lens = [6 * BLOCK_SIZE + 1 + j for j in range(4)] * 2
     plan = plan_shared_prefix(tables, lens, [0] * 4 + [1] * 4, BLOCK_SIZE)
     assert plan == [([0, 1, 2, 3], 6), ([4, 5, 6, 7], 6)]
+    # Thirty rows behind 3 common blocks (too few to share) would save more than the two
+    # verifying sequences' sets over their 10 blocks; the sets that can be kept win.
+    verifying = [[1, 2, 3] + [40 + 10 * s + j for j in range(7)] for s in range(2)]
+    tables = tables_of(*[verifying[0]] * 5, *[verifying[1]] * 5,
+                       *[[1, 2, 3, 100 + b, 200 + b] for b in range(20)])
+    lens = [10 * BLOCK_SIZE + 1 + j for j in range(5)] * 2 + [5 * BLOCK_SIZE] * 20
+    owners = [0] * 5 + [1] * 5 + list(range(2, 22))
+    plan = plan_shared_prefix(tables, lens, owners, BLOCK_SIZE)
+    assert plan == [([0, 1, 2, 3, 4], 10), ([5, 6, 7, 8, 9], 10)]
     # Eight requests behind a long prompt, two positions each: one set over the prompt.
     tables = tables_of(*[list(range(1, 21)) + [30 + b // 2] for b in range(16)])
     lens = [20 * BLOCK_SIZE + 1 + b % 2 for b in range(16)]

@@ -54,6 +54,11 @@ def plan_shared_prefix(
         equal = (heads == heads[0]).all(axis=0)
         return SharedSet(rows, limit if equal.all() else int(np.argmin(equal)))
 
+    def worth(option: list[SharedSet]) -> list[SharedSet]:
+        # The sets that pay their place, before the options are compared: a grouping whose
+        # larger saving lies in sets too small to keep must not hide one whose sets are kept.
+        return [s for s in option if s.num_blocks >= min_blocks and s.saved_blocks >= min_saved]
+
     by_first: dict[int, list[int]] = {}
     for b, (table, n) in enumerate(zip(tables, whole)):
         if n >= min_blocks:
@@ -63,10 +68,9 @@ def plan_shared_prefix(
         by_owner: dict[int, list[int]] = {}
         for b in rows:
             by_owner.setdefault(owners[b], []).append(b)
-        together = [common(rows)]
-        apart = [common(members) for members in by_owner.values() if len(members) > 1]
-        best = max(together, apart, key=lambda option: sum(s.saved_blocks for s in option))
-        sets += [s for s in best if s.num_blocks >= min_blocks and s.saved_blocks >= min_saved]
+        together = worth([common(rows)])
+        apart = worth([common(members) for members in by_owner.values() if len(members) > 1])
+        sets += max(together, apart, key=lambda option: sum(s.saved_blocks for s in option))
     return sets
 
 

@@ -49,7 +49,8 @@ def round_up(n: int, sizes: list[int]) -> int:
 
 
 class DecodeGraphs:
-    """One compiled decode step per (batch bucket, width bucket), traced on first use.
+    """One compiled decode step per bucket (rows, block-table width and, with cascade attention,
+    its sets' dimensions), traced on first use.
 
     ``step(input_ids, positions, slot_blocks, slot_offsets, block_tables, context_lens, ...)``
     returns ``(logits[B, V], argmax[B])``; it must only read and write the pool through ``state``.

@@ -57,6 +57,12 @@ def _joined(arrays: list[mx.array]) -> mx.array:
     return arrays[0] if len(arrays) == 1 else mx.concatenate(arrays)
 
 
+def _in_decode_rows(seq: Sequence, n: int, drafts: dict[Sequence, list[int]]) -> bool:
+    """Whether ``seq``'s ``n`` tokens of a step are decode rows, one per token: a single token,
+    or a chunk verifying drafts (each position over the sequence up to itself)."""
+    return n == 1 or seq in drafts
+
+
 def decode_graph_arrays(input_ids: mx.array, positions: mx.array, meta: AttentionMetadata) -> list[mx.array]:
     """A decode-only step's arrays, flat, as ``ModelRunner._decode_step`` (a graph) takes them."""
     return [input_ids, positions, meta.slot_blocks, meta.slot_offsets, meta.block_tables, meta.context_lens,
@@ -106,7 +112,7 @@ class ModelRunner:
             self.cache.states.copy(out.restores)
         drafts = out.drafts
         # Stable: decode rows (decodes, drafts' chunks) first, then prompt chunks.
-        batch = sorted(out.scheduled, key=lambda item: item[1] > 1 and item[0] not in drafts)
+        batch = sorted(out.scheduled, key=lambda item: not _in_decode_rows(*item, drafts))
         # Under pipeline parallelism the step goes down the stages in parts (micro-batches).
         parts = []
         for part, offsets in self._micro_batches(batch):
@@ -149,7 +155,7 @@ class ModelRunner:
             if seq.num_computed_tokens + offsets.get(seq, 0) + n == seq.num_tokens + len(drafts.get(seq, ()))
         ]
         seqs = [batch[i][0] for i in rows]
-        decode_shaped = all(n == 1 or seq in drafts for seq, n in batch)
+        decode_shaped = all(_in_decode_rows(seq, n, drafts) for seq, n in batch)
         bucket = self._graph_bucket(batch) if decode_shaped else None
         pad_rows, pad_width = bucket or (None, None)
         input_ids, positions, meta = self.prepare(batch, drafts, pad_rows, pad_width, offsets)
@@ -325,7 +331,7 @@ class ModelRunner:
             ids.append(np.asarray(tokens[:n], dtype=np.int32))
             pos.append(positions)
             slot_blocks.append(table[:, positions // bs])
-            if n == 1 or seq in drafts:  # a row per position, over the sequence up to itself
+            if _in_decode_rows(seq, n, drafts):
                 decode_tables += [table] * n
                 decode_lens += range(first + 1, context_len + 1)
                 decode_slots += [self._state_slot(seq)] * n
